@@ -1,0 +1,168 @@
+"""Session-wide real servers for the test suite.
+
+* ``ray_cluster``: one real Ray head (`ray start --head --block`, dashboard and Jobs API on) per test
+  session, shared by every test that needs Ray. An exclusive file lock serialises sessions on the
+  host, because two Ray clusters on one host break Train's placement-group cleaner.
+* ``ray_connected``: this process attached to that cluster with ``ray.init``.
+* ``mlflow_server``: a real ``mlflow server`` (SQLite store, local artifacts) on a free port.
+
+Both servers are started lazily, only by the tests that ask for them, and only the processes the
+fixture started are stopped (never ``ray stop``, which would kill every Ray on the host).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+VENV_BIN = Path(sys.executable).parent
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+LOCK_PATH = Path(tempfile.gettempdir()) / "convtune-ray-tests.lock"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(predicate, timeout: float, what: str, interval: float = 0.25):
+    """Poll ``predicate`` until it returns a truthy value; fail with ``what`` after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    last_exc: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            value = predicate()
+            if value:
+                return value
+        except Exception as exc:  # noqa: BLE001 - retried until the deadline
+            last_exc = exc
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what} (last error: {last_exc!r})")
+
+
+def http_ok(url: str) -> bool:
+    with urllib.request.urlopen(url, timeout=2) as resp:  # noqa: S310 - loopback only
+        return resp.status == 200
+
+
+@dataclass
+class RayCluster:
+    gcs_address: str
+    dashboard_url: str
+    temp_dir: Path
+    num_cpus: int
+    env: dict
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A real Ray head with the dashboard and Jobs API, started once per session."""
+    lock = open(LOCK_PATH, "w")  # noqa: SIM115 - held for the whole session
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    temp_dir = Path(tempfile.mkdtemp(prefix="ctray-", dir="/tmp"))  # short: Ray's socket paths are limited
+    gcs_port, dash_port = free_port(), free_port()
+    num_cpus = int(os.environ.get("CONVTUNE_TEST_RAY_CPUS", "2"))
+    env = dict(os.environ)
+    env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
+    cmd = [
+        str(VENV_BIN / "ray"), "start", "--head", "--block",
+        f"--port={gcs_port}", f"--num-cpus={num_cpus}", "--num-gpus=0",
+        "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}",
+        f"--dashboard-agent-listen-port={free_port()}", f"--temp-dir={temp_dir}",
+        "--disable-usage-stats",
+    ]
+    log = open(temp_dir / "ray-start.log", "w")  # noqa: SIM115
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    dashboard_url = f"http://127.0.0.1:{dash_port}"
+    try:
+        wait_until(lambda: proc.poll() is None and http_ok(f"{dashboard_url}/api/version"), 120,
+                   f"the Ray dashboard at {dashboard_url} (log: {temp_dir / 'ray-start.log'})")
+        yield RayCluster(f"127.0.0.1:{gcs_port}", dashboard_url, temp_dir, num_cpus, env)
+    finally:
+        try:
+            import ray
+
+            if ray.is_initialized():
+                ray.shutdown()
+        except ImportError:
+            pass
+        _stop_process_group(proc)
+        log.close()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+        fcntl.flock(lock, fcntl.LOCK_UN)
+        lock.close()
+
+
+def _stop_process_group(proc: subprocess.Popen, grace: float = 20.0) -> None:
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=grace)
+    except (subprocess.TimeoutExpired, ProcessLookupError):
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def ray_connected(ray_cluster):
+    """This test process attached to the session cluster as a Ray driver."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=ray_cluster.gcs_address, log_to_driver=False,
+                 runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}})
+    yield ray_cluster
+    ray.shutdown()
+
+
+@dataclass
+class MlflowServer:
+    url: str
+    backend_uri: str
+    artifacts_dir: Path
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real MLflow tracking server (SQLite backend, proxied local artifacts)."""
+    root = tmp_path_factory.mktemp("mlflow")
+    port = free_port()
+    backend = f"sqlite:///{root / 'mlflow.db'}"
+    cmd = [
+        str(VENV_BIN / "mlflow"), "server", "--backend-store-uri", backend,
+        "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1",
+        "--port", str(port), "--workers", "1",
+    ]
+    log = open(root / "mlflow.log", "w")  # noqa: SIM115
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: proc.poll() is None and http_ok(f"{url}/health"), 120,
+                   f"mlflow server at {url} (log: {root / 'mlflow.log'})")
+        yield MlflowServer(url, backend, root / "artifacts")
+    finally:
+        _stop_process_group(proc)
+        log.close()
