@@ -1,0 +1,89 @@
+"""Optimizers by name, from timm's optimizer registry, over factory-built parameter groups.
+
+Names follow ConvNeXt-V2 / timm: the optimizer is the last ``_``-separated token, and a
+``lookahead_`` prefix wraps the result in timm's ``Lookahead``. The optimizer-level weight decay is
+always 0: every group carries its own (see ``trainers.param_groups``). The LR given here is the base
+LR; the schedule multiplies it by each group's ``lr_scale`` before every update.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+WRAPPERS = ("lookahead",)
+
+
+def optimizer_names() -> list[str]:
+    """Every name :func:`create_optimizer` accepts without a wrapper prefix (timm's registry)."""
+    from timm.optim import list_optimizers
+
+    return sorted(list_optimizers())
+
+
+def check_optimizer_name(name: str) -> str:
+    """The lower-cased name if timm knows it (with an optional ``lookahead_`` prefix), else a ValueError."""
+    lowered = name.lower()
+    parts = lowered.split("_")
+    base = parts[-1]
+    wrappers = parts[:-1]
+    known = optimizer_names()
+    bad_wrapper = [w for w in wrappers if w not in WRAPPERS]
+    if base not in known or bad_wrapper or len(wrappers) > 1:
+        close = difflib.get_close_matches(base, known, n=3)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise ValueError(
+            f"unknown optimizer {name!r}.{hint} Valid names: {', '.join(known)}; "
+            f"any of them may take the prefix 'lookahead_' (e.g. 'lookahead_adamw')."
+        )
+    return lowered
+
+
+def resolve_lr(*, blr: float, batch_size: int, accum_steps: int = 1, world_size: int = 1,
+               lr: float | None = None) -> float:
+    """ConvNeXt-V2's rule: ``lr = blr * batch_size * accum_steps * world_size / 256`` unless ``lr`` is given."""
+    if lr is not None:
+        if lr <= 0:
+            raise ValueError(f"lr must be > 0, got {lr!r}")
+        return float(lr)
+    for field, value in (("blr", blr), ("batch_size", batch_size), ("accum_steps", accum_steps),
+                         ("world_size", world_size)):
+        if value is None or value <= 0:
+            raise ValueError(f"{field} must be > 0, got {value!r}")
+    return blr * batch_size * accum_steps * world_size / 256
+
+
+def create_optimizer(
+    name: str,
+    param_groups: Sequence[dict[str, Any]] | Any,
+    *,
+    lr: float,
+    momentum: float = 0.9,
+    betas: Sequence[float] | None = None,
+    eps: float | None = None,
+    **extra: Any,
+) -> torch.optim.Optimizer:
+    """An optimizer from timm's registry over ``param_groups`` (the groups keep their own weight decay).
+
+    ``betas``, ``eps`` and ``momentum`` are passed where the optimizer takes them (timm drops them
+    where it does not); ``extra`` goes to the optimizer's constructor as is.
+    """
+    from timm.optim import create_optimizer_v2
+
+    opt = check_optimizer_name(name)
+    kwargs: dict[str, Any] = dict(extra)
+    if betas is not None:
+        if len(betas) != 2:
+            raise ValueError(f"betas must have two values (beta1, beta2), got {list(betas)!r}")
+        kwargs["betas"] = tuple(float(b) for b in betas)
+    if eps is not None:
+        kwargs["eps"] = float(eps)
+    groups = list(param_groups)
+    if groups and isinstance(groups[0], dict):
+        missing = [g.get("name", i) for i, g in enumerate(groups) if "weight_decay" not in g]
+        if missing:
+            raise ValueError(f"param groups {missing} carry no weight_decay; build them with build_param_groups")
+    return create_optimizer_v2(groups, opt=opt, lr=lr, weight_decay=0.0, momentum=momentum, **kwargs)
