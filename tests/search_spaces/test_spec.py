@@ -1,0 +1,240 @@
+"""The sweep spec: loading, every error naming its field, grids, conditionals, the dry run."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from search_spaces.spec import (
+    SpecError,
+    check_resources,
+    cluster_capacity,
+    count_trials,
+    dry_run,
+    expected_epochs_per_trial,
+    grid_points,
+    list_presets,
+    load_preset,
+    load_spec,
+    max_concurrent_trials,
+    sample_params,
+    spec_json_schema,
+    trial_finetune,
+)
+
+BASE = {"model": "convnextv2_atto", "dataset": "digits", "epochs": 4, "steps_per_epoch_limit": 2}
+
+
+def spec(**overrides):
+    data = {
+        "name": "t",
+        "base": dict(BASE),
+        "space": {
+            "layer_decay": {"type": "uniform", "low": 0.6, "high": 0.95},
+            "blr": {"type": "loguniform", "low": 1e-4, "high": 1e-2},
+            "schedule": {"type": "choice", "values": ["cosine", "multistep", "cosine_restarts"]},
+            "milestones": {"type": "choice", "values": [[1], [2, 3]], "when": {"schedule": "multistep"}},
+            "cycles": {"type": "randint", "low": 2, "high": 3, "when": {"schedule": "cosine_restarts"}},
+        },
+    }
+    for key, value in overrides.items():
+        if value is None:
+            data.pop(key, None)
+        else:
+            data[key] = value
+    return data
+
+
+def errors_of(data) -> dict[str, str]:
+    with pytest.raises(SpecError) as info:
+        load_spec(data)
+    return {e["field"]: e["message"] for e in info.value.errors}
+
+
+def test_presets_load_and_validate():
+    assert {"convnextv2_layer_decay", "quickstart"} <= set(list_presets())
+    main = load_preset("convnextv2_layer_decay")
+    assert set(main.space) >= {"layer_decay", "blr", "warmup_epochs", "schedule"}
+    assert set(main.space["schedule"].values) == {"cosine", "multistep", "half_cosine", "cosine_restarts", "linear"}
+    quick = load_preset("quickstart")
+    assert trial_finetune(quick, {}).dataset == "digits" and quick.resources.gpus_per_worker == 0
+
+
+def test_yaml_and_json_strings_load_the_same(tmp_path):
+    data = spec()
+    from_json = load_spec(json.dumps(data))
+    path = tmp_path / "s.yaml"
+    import yaml
+
+    path.write_text(yaml.safe_dump(data))
+    assert load_spec(path) == from_json == load_spec(str(path))
+
+
+def test_json_schema_exports_every_section():
+    schema = spec_json_schema()
+    assert {"name", "base", "space", "search", "scheduler", "resources", "metric", "mode"} <= set(schema["properties"])
+    text = json.dumps(schema)
+    for kind in ("loguniform", "uniform", "quniform", "randint", "choice", "grid"):
+        assert f'"{kind}"' in text
+
+
+@pytest.mark.parametrize(("data", "field", "needle"), [
+    (spec(colour="red"), "colour", "unknown key"),
+    (spec(search={"algorithm": "random", "sed": 1}), "search.sed", "unknown key"),
+    (spec(space={"blr": {"type": "loguniform", "low": 1e-4, "high": 1e-2, "scale": 2}}), "space.blr.scale",
+     "unknown key"),
+    (spec(space={"learning_rate": {"type": "uniform", "low": 0.1, "high": 0.2}}), "space.learning_rate",
+     "not a finetune setting"),
+    (spec(base={**BASE, "epochz": 3}), "base.epochz", "not a finetune setting"),
+    (spec(space={"blr": {"type": "uniform", "low": 0.2, "high": 0.1}}), "space.blr", "must be < high"),
+    (spec(space={"blr": {"type": "loguniform", "low": 0, "high": 0.1}}), "space.blr", "must be > 0"),
+    (spec(space={"layer_decay": {"type": "uniform", "low": 0.5, "high": 1.2}}), "space.layer_decay.high",
+     "(0, 1]"),
+    (spec(space={"layer_decay": {"type": "choice", "values": [0.0, 0.8]}}), "space.layer_decay.values[0]",
+     "(0, 1]"),
+    (spec(space={"schedule": {"type": "choice", "values": []}}), "space.schedule.values", "at least one"),
+    (spec(space={"schedule": {"type": "grid", "values": ["cosine", "linear"]},
+                 "warmup_epochs": {"type": "grid", "values": [0, 1, 2]}},
+          search={"algorithm": "grid", "max_grid_trials": 4}), "search.max_grid_trials", "above the cap"),
+    (spec(space={"schedule": {"type": "choice", "values": ["cosine", "cosine_typo"]}}),
+     "space.schedule.values[1]", "unknown schedule"),
+    (spec(space={"blr": {"type": "normal", "low": 1, "high": 2}}), "space.blr", "expected one of"),
+    (spec(search={"algorithm": "grid"}), "space.layer_decay.type", "grid search needs finite domains"),
+    (spec(space={"schedule": {"type": "grid", "values": ["cosine"]}}, search={"algorithm": "tpe"}),
+     "space.schedule.type", "use choice with tpe"),
+    (spec(space={"schedule": {"type": "choice", "values": ["cosine"]},
+                 "cycles": {"type": "randint", "low": 2, "high": 3, "when": {"schedule": "cosine_restart"}}}),
+     "space.cycles.when.schedule", "not one of"),
+    (spec(space={"cycles": {"type": "randint", "low": 2, "high": 3, "when": {"shedule": "x"}}}),
+     "space.cycles.when.shedule", "neither"),
+    (spec(search={"algorithm": "random", "points_to_evaluate": [{"blr": 1e-3, "lr_x": 1}]}),
+     "search.points_to_evaluate[0].lr_x", "not a searched parameter"),
+    (spec(search={"algorithm": "tpe", "points_to_evaluate": [{"blr": 1e-3}], "evaluated_rewards": [0.5, 0.6]}),
+     "search.evaluated_rewards", "one value per point"),
+    (spec(search={"algorithm": "random", "points_to_evaluate": [{"blr": 1e-3}], "evaluated_rewards": [0.5]}),
+     "search.evaluated_rewards", "tpe"),
+    (spec(num_samples=0), "num_samples", ">= 1"),
+    (spec(num_samples=-1), "num_samples", "time_budget_s"),
+    (spec(mode="maximize"), "mode", "'max' or 'min'"),
+    (spec(scheduler={"type": "asha", "grace_period": 9}), "scheduler.grace_period", "beyond max_epochs"),
+    (spec(scheduler={"type": "hyperband"}), "scheduler", "tag"),
+    (spec(resources={"workers_per_trial": 0}), "resources.workers_per_trial", "greater than or equal to 1"),
+    (spec(base={**BASE, "epochs": 0}), "base.epochs", "greater than or equal to 1"),
+    (spec(space={"warmup_epochs": {"type": "choice", "values": [0, 9]}}), "space.warmup_epochs.values[1]",
+     "below epochs"),
+    (spec(space={"blr": {"type": "uniform", "low": 0.001, "high": 0.01}}, base={**BASE, "blr": 0.1}),
+     "space.blr", "also set in base"),
+    (spec(space={}), "space", "at least one"),
+    (spec(name="has space"), "name", "pattern"),
+])
+def test_every_spec_error_names_its_field(data, field, needle):
+    errors = errors_of(data)
+    assert field in errors, errors
+    assert needle in errors[field], errors[field]
+
+
+def test_unreadable_documents_are_errors(tmp_path):
+    assert "no such spec file" in errors_of_source(tmp_path / "missing.yaml")["<file>"]
+    assert "mapping" in errors_of_source("- just\n- a list\n")["<document>"]
+    assert "not valid YAML" in errors_of_source("name: [unclosed\n")["<document>"]
+
+
+def errors_of_source(source):
+    with pytest.raises(SpecError) as info:
+        load_spec(source)
+    return {e["field"]: e["message"] for e in info.value.errors}
+
+
+def test_resources_the_cluster_can_never_satisfy():
+    s = load_spec(spec(resources={"workers_per_trial": 2, "cpus_per_worker": 1, "gpus_per_worker": 1}))
+    with pytest.raises(SpecError) as info:
+        check_resources(s, cluster_capacity({"CPU": 8, "GPU": 0}))
+    assert info.value.errors[0]["field"] == "resources.gpus_per_worker"
+    with pytest.raises(SpecError) as info:
+        check_resources(s, cluster_capacity({"CPU": 8, "GPU": 1}))
+    assert info.value.errors[0]["field"] == "resources.workers_per_trial"
+    big = load_spec(spec(resources={"cpus_per_worker": 4}))
+    nodes = [{"CPU": 2}, {"CPU": 2}]
+    with pytest.raises(SpecError) as info:
+        check_resources(big, cluster_capacity({"CPU": 4}, nodes))
+    assert info.value.errors[0]["field"] == "resources.cpus_per_worker"
+    check_resources(s, cluster_capacity({"CPU": 8, "GPU": 2}))  # fits: no error
+
+
+def test_concurrency_comes_from_the_cluster_unless_given():
+    gpu = load_spec(spec(resources={"workers_per_trial": 2, "gpus_per_worker": 1}, num_samples=20))
+    assert max_concurrent_trials(gpu, cluster_capacity({"CPU": 64, "GPU": 8})) == 4
+    cpu = load_spec(spec(resources={"cpus_per_worker": 1}, num_samples=20))
+    assert max_concurrent_trials(cpu, cluster_capacity({"CPU": 2})) == 2
+    fixed = load_spec(spec(resources={"max_concurrent_trials": 3}))
+    assert max_concurrent_trials(fixed, cluster_capacity({"CPU": 64, "GPU": 8})) == 3
+    few = load_spec(spec(num_samples=1))
+    assert max_concurrent_trials(few, cluster_capacity({"CPU": 64})) == 1
+
+
+def test_grid_crosses_only_active_conditionals():
+    s = load_spec(spec(space={
+        "schedule": {"type": "grid", "values": ["cosine", "multistep"]},
+        "warmup_epochs": {"type": "grid", "values": [0, 1]},
+        "milestones": {"type": "grid", "values": [[1], [2]], "when": {"schedule": "multistep"}},
+    }, search={"algorithm": "grid"}, num_samples=2))
+    points = grid_points(s)
+    # cosine x 2 warmups + multistep x 2 warmups x 2 milestone sets
+    assert len(points) == 6 and count_trials(s) == 12
+    assert all(("milestones" in p) == (p["schedule"] == "multistep") for p in points)
+
+
+def test_sampling_respects_conditions_and_bounds():
+    s = load_spec(spec(space={
+        **spec()["space"],
+        "drop_path": {"type": "quniform", "low": 0.0, "high": 0.3, "q": 0.1},
+    }))
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        p = sample_params(s, rng)
+        assert 0.6 <= p["layer_decay"] <= 0.95 and 1e-4 <= p["blr"] <= 1e-2
+        assert ("milestones" in p) == (p["schedule"] == "multistep")
+        assert ("cycles" in p) == (p["schedule"] == "cosine_restarts")
+        assert p.get("cycles", 2) in (2, 3)
+        assert abs(p["drop_path"] * 10 - round(p["drop_path"] * 10)) < 1e-9
+        trial_finetune(s, p)  # every sample is a valid finetune
+
+
+def test_conditions_on_base_values_are_static():
+    s = load_spec(spec(space={"cycles": {"type": "randint", "low": 2, "high": 4,
+                                         "when": {"schedule": "cosine_restarts"}}},
+                       base={**BASE, "schedule": "cosine"}))
+    assert sample_params(s, np.random.default_rng(0)) == {}
+
+
+def test_asha_expected_epochs():
+    s = load_spec(spec(scheduler={"type": "asha", "grace_period": 1, "reduction_factor": 2, "max_epochs": 4}))
+    # rungs 1, 2, 4: everyone trains 1 epoch, half go on to 2, a quarter to 4
+    assert expected_epochs_per_trial(s) == pytest.approx(1 + 0.5 * 1 + 0.25 * 2)
+    fifo = load_spec(spec(scheduler={"type": "fifo"}))
+    assert expected_epochs_per_trial(fifo) == 4
+
+
+def test_dry_run_reports_trials_samples_and_cost():
+    s = load_spec(spec(num_samples=10, scheduler={"type": "fifo"}))
+    report = dry_run(s, {"CPU": 2.0})
+    assert report["trials"] == 10 and len(report["samples"]) == 5
+    assert report["max_concurrent_trials"] == 2 and report["problems"] == []
+    assert report["estimate_unit"] == "CPU-hours" and report["estimate_hours"] > 0
+    json.dumps(report)  # what the service returns
+    gpu = load_spec(spec(resources={"gpus_per_worker": 1, "workers_per_trial": 2},
+                         estimate={"seconds_per_epoch": 360}, scheduler={"type": "fifo"}))
+    r = dry_run(gpu, {"CPU": 16, "GPU": 4})
+    assert r["estimate_unit"] == "GPU-hours"
+    # 8 trials x (4 epochs x 0.1 h + overhead) x 2 GPUs
+    assert r["estimate_hours"] == pytest.approx(8 * 2 * (4 * 0.1 + 15 / 3600), rel=1e-3)
+    bad = dry_run(gpu, {"CPU": 16})
+    assert bad["problems"][0]["field"] == "resources.gpus_per_worker"
+
+
+def test_dry_run_shows_warm_start_points_first():
+    s = load_spec(spec(search={"algorithm": "random", "points_to_evaluate": [{"blr": 1e-3, "layer_decay": 0.8,
+                                                                              "schedule": "cosine"}]}))
+    assert dry_run(s)["samples"][0] == {"blr": 1e-3, "layer_decay": 0.8, "schedule": "cosine"}
