@@ -12,6 +12,7 @@ fixture started are stopped (never ``ray stop``, which would kill every Ray on t
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import shutil
@@ -119,10 +120,8 @@ def _stop_process_group(proc: subprocess.Popen, grace: float = 20.0) -> None:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=grace)
     except (subprocess.TimeoutExpired, ProcessLookupError):
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
         proc.wait(timeout=10)
 
 
