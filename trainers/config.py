@@ -1,0 +1,278 @@
+"""`FinetuneConfig`: every setting of one ConvNeXtV2 finetune, typed, defaulted and validated once.
+
+The defaults finetune `convnextv2_atto` from random init on scikit-learn's digits at 32 px in a few
+minutes on 2 CPUs. Sweeps override fields by name (`with_overrides`), so field names are a contract
+(docs/architecture.md). This module imports neither torch nor timm at import time: the service
+validates sweep specs against `FinetuneConfig.model_fields` without them; model and optimizer names
+are checked against timm only where timm is installed (the workers always have it).
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+DATASET_CLASSES = {"digits": 10}  # datasets whose class count is fixed
+
+
+class FinetuneConfig(BaseModel):
+    """One finetune. Epoch-based fields (warmup_epochs, milestones, step_size) convert to updates."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+    # --- model ---------------------------------------------------------------------------------
+    model: str = Field("convnextv2_atto", description="timm ConvNeXtV2 name, optionally with a pretrained tag "
+                       "(convnextv2_tiny.fcmae_ft_in1k)")
+    num_classes: int = Field(10, ge=2, description="classes of the dataset (head size)")
+    input_size: int = Field(32, ge=32, le=1024, description="square input resolution in pixels")
+    pretrained: bool = Field(False, description="load timm hub weights for `model` (needs the hub or its cache)")
+    checkpoint: str | None = Field(None, description="local checkpoint to start from: timm, ConvNeXt-V2 "
+                                   "finetuned or FCMAE pretraining format")
+    head_init_scale: float = Field(0.001, gt=0, description="scales the freshly initialised head (ConvNeXt-V2 "
+                                   "finetune default)")
+    drop_path: float = Field(0.0, ge=0, lt=1, description="stochastic depth rate")
+
+    # --- data ----------------------------------------------------------------------------------
+    dataset: Literal["digits", "imagefolder", "synthetic"] = "digits"
+    data_root: str | None = Field(None, description="imagefolder root with train/ and val/ class folders")
+    synthetic_samples: int = Field(1024, ge=1, description="train samples of the synthetic dataset")
+    loader_workers: int | None = Field(None, ge=0, description="DataLoader processes per worker; None: 0 for "
+                                       "in-memory datasets, CPUs per worker - 1 for imagefolder")
+    interpolation: Literal["bicubic", "bilinear", "nearest"] = "bicubic"
+    crop_pct: float | None = Field(None, gt=0, le=1, description="eval center-crop fraction (timm default)")
+    aa: str | None = Field("rand-m9-mstd0.5-inc1", description="timm auto-augment string (imagefolder only); "
+                           "null disables")
+    hflip: float = Field(0.5, ge=0, le=1, description="horizontal flip probability (imagefolder only)")
+    color_jitter: float | None = Field(None, ge=0, description="color jitter (imagefolder only)")
+    reprob: float = Field(0.25, ge=0, le=1, description="random erasing probability (imagefolder only)")
+    remode: Literal["pixel", "rand", "const"] = "pixel"
+    recount: int = Field(1, ge=1)
+
+    # --- schedule --------------------------------------------------------------------------------
+    epochs: int = Field(5, ge=1, le=100_000)
+    steps_per_epoch_limit: int | None = Field(None, ge=1, description="cap on optimizer updates per epoch "
+                                              "(tests, benchmarks)")
+    batch_size: int = Field(64, ge=1, description="per worker, per micro-batch")
+    accum_steps: int = Field(1, ge=1, description="micro-batches per optimizer update")
+    blr: float = Field(8e-3, gt=0, description="base LR per 256 images: lr = blr * effective batch / 256")
+    lr: float | None = Field(None, gt=0, description="absolute LR; overrides blr")
+    min_lr: float = Field(1e-6, ge=0)
+    warmup_epochs: float = Field(1.0, ge=0)
+    warmup_steps: int | None = Field(None, ge=0, description="warmup in updates; overrides warmup_epochs")
+    warmup_mode: str = Field("linear", description="see trainers.schedules")
+    warmup_start_factor: float = Field(0.0, ge=0, le=1, description="warmup starts at base_lr * this")
+    schedule: str = Field("cosine", description="one of trainers.schedules.SCHEDULE_NAMES")
+    milestones: list[float] = Field(default_factory=list, description="multistep milestones in epochs")
+    gamma: float = Field(0.1, gt=0, le=1, description="decay factor of step/multistep")
+    step_size: float | None = Field(None, gt=0, description="step schedule period in epochs")
+    cycles: int = Field(1, ge=1, description="cosine_restarts cycles")
+    power: float = Field(1.0, gt=0, description="poly schedule power")
+
+    # --- optimizer -------------------------------------------------------------------------------
+    optimizer: str = Field("adamw", description="timm optimizer name (lookahead_ prefix allowed)")
+    opt_eps: float | None = Field(1e-8, gt=0)
+    opt_betas: tuple[float, float] | None = None
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(0.05, ge=0)
+    weight_decay_end: float | None = Field(None, ge=0, description="cosine-scheduled wd end value; None: constant")
+    layer_decay: float = Field(1.0, gt=0, le=1, description="layer-wise LR decay rate; 1.0 disables it")
+    layer_decay_type: Literal["single", "group"] = "single"
+    no_weight_decay: list[str] = Field(default_factory=list, description="extra parameter names without wd")
+    clip_grad: float | None = Field(None, gt=0, description="max global grad norm; None: no clipping")
+
+    # --- regularisation --------------------------------------------------------------------------
+    smoothing: float = Field(0.1, ge=0, lt=1, description="label smoothing")
+    mixup: float = Field(0.0, ge=0, description="mixup alpha; > 0 enables mixup")
+    cutmix: float = Field(0.0, ge=0, description="cutmix alpha; > 0 enables cutmix")
+    cutmix_minmax: tuple[float, float] | None = None
+    mixup_prob: float = Field(1.0, ge=0, le=1)
+    mixup_switch_prob: float = Field(0.5, ge=0, le=1)
+    mixup_mode: Literal["batch", "pair", "elem"] = "batch"
+    model_ema: bool = False
+    model_ema_decay: float = Field(0.9999, gt=0, lt=1)
+    model_ema_eval: bool = Field(False, description="also evaluate the EMA model each epoch")
+
+    # --- execution -------------------------------------------------------------------------------
+    amp: Literal["auto", "bf16", "fp16", "off"] = Field("auto", description="auto: bf16 on GPU, off on CPU")
+    channels_last: bool | Literal["auto"] = Field("auto", description="auto: on for GPU")
+    compile: bool = Field(False, description="torch.compile the model")
+    seed: int = Field(0, ge=0)
+
+    # --- validators ------------------------------------------------------------------------------
+    @field_validator("model")
+    @classmethod
+    def _known_model(cls, value: str) -> str:
+        base = value.split(".", 1)[0]
+        if not base.startswith("convnextv2_"):
+            raise ValueError(f"must be a timm convnextv2_* model, got {value!r}")
+        try:
+            import timm
+        except ImportError:  # service-only install: re-checked on the workers
+            return value
+        names = timm.list_models("convnextv2_*")
+        if base not in names:
+            raise ValueError(f"unknown model {base!r}; choose one of {', '.join(names)}")
+        return value
+
+    @field_validator("optimizer")
+    @classmethod
+    def _known_optimizer(cls, value: str) -> str:
+        try:
+            from trainers.optim import check_optimizer_name
+
+            return check_optimizer_name(value)
+        except ImportError:  # service-only install: re-checked on the workers
+            return value.lower()
+
+    @field_validator("schedule")
+    @classmethod
+    def _known_schedule(cls, value: str) -> str:
+        try:
+            from trainers.schedules import SCHEDULE_NAMES
+        except ImportError:
+            return value
+        if value not in SCHEDULE_NAMES:
+            raise ValueError(f"unknown schedule {value!r}; choose one of {', '.join(SCHEDULE_NAMES)}")
+        return value
+
+    @field_validator("aa")
+    @classmethod
+    def _known_auto_augment(cls, value: str | None) -> str | None:
+        if value in (None, "", "none"):
+            return None
+        if not value.startswith(("rand", "augmix", "v0", "original", "3a", "trivial")):
+            raise ValueError(f"not a timm auto-augment string: {value!r} (e.g. 'rand-m9-mstd0.5-inc1', 'augmix-m5')")
+        return value
+
+    @field_validator("milestones")
+    @classmethod
+    def _sorted_milestones(cls, value: list[float]) -> list[float]:
+        if any(m <= 0 for m in value) or value != sorted(value):
+            raise ValueError("must be increasing positive epochs, e.g. [30, 60, 90]")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> FinetuneConfig:
+        fixed = DATASET_CLASSES.get(self.dataset)
+        if fixed is not None and self.num_classes != fixed:
+            raise ValueError(f"num_classes: the {self.dataset} dataset has {fixed} classes, got {self.num_classes}")
+        if self.dataset == "imagefolder" and not self.data_root:
+            raise ValueError("data_root: required when dataset is imagefolder (a folder with train/ and val/)")
+        if self.warmup_steps is None and self.warmup_epochs >= self.epochs > 0 and self.warmup_epochs > 0:
+            raise ValueError(f"warmup_epochs: must be below epochs ({self.epochs}), got {self.warmup_epochs}")
+        if self.milestones and self.milestones[-1] >= self.epochs and self.schedule == "multistep":
+            raise ValueError(f"milestones: must lie below epochs ({self.epochs}), got {self.milestones}")
+        return self
+
+    # --- derived values --------------------------------------------------------------------------
+    def effective_batch(self, world_size: int) -> int:
+        return self.batch_size * self.accum_steps * world_size
+
+    def resolved_lr(self, world_size: int) -> float:
+        from trainers.optim import resolve_lr
+
+        return resolve_lr(blr=self.blr, batch_size=self.batch_size, accum_steps=self.accum_steps,
+                          world_size=world_size, lr=self.lr)
+
+    def schedule_kwargs(self, *, updates_per_epoch: int, world_size: int) -> dict[str, Any]:
+        """Arguments of `build_lr_schedule`: epochs become optimizer updates."""
+        total = self.epochs * updates_per_epoch
+        if self.warmup_steps is not None:
+            warmup = self.warmup_steps
+        else:
+            warmup = round(self.warmup_epochs * updates_per_epoch)
+        return {
+            "name": self.schedule,
+            "base_lr": self.resolved_lr(world_size),
+            "total_steps": total,
+            "warmup_steps": min(warmup, total),
+            "warmup_mode": self.warmup_mode,
+            "warmup_start_factor": self.warmup_start_factor,
+            "min_lr": self.min_lr,
+            "milestones": tuple(round(m * updates_per_epoch) for m in self.milestones),
+            "gamma": self.gamma,
+            "step_size": None if self.step_size is None else max(1, round(self.step_size * updates_per_epoch)),
+            "cycles": self.cycles,
+            "power": self.power,
+        }
+
+    def wd_schedule_kwargs(self, *, updates_per_epoch: int) -> dict[str, Any]:
+        """Arguments of `build_wd_schedule`."""
+        return {"weight_decay": self.weight_decay, "weight_decay_end": self.weight_decay_end,
+                "total_steps": self.epochs * updates_per_epoch}
+
+    @property
+    def uses_mixup(self) -> bool:
+        return self.mixup > 0 or self.cutmix > 0 or self.cutmix_minmax is not None
+
+    # --- (de)serialisation -----------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> FinetuneConfig:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file not found: {path}")
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a mapping of field: value, got {type(data).__name__}")
+        return cls.from_dict(data)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> FinetuneConfig:
+        check_field_names(data)
+        return cls.model_validate(data)
+
+    def with_overrides(self, overrides: dict[str, Any]) -> FinetuneConfig:
+        """A new config with `overrides` applied by field name (validated as a whole)."""
+        check_field_names(overrides)
+        return type(self).model_validate({**self.model_dump(), **overrides})
+
+
+def check_field_names(data: dict[str, Any]) -> None:
+    """Raise a ValueError naming unknown fields and their closest valid names."""
+    fields = list(FinetuneConfig.model_fields)
+    unknown = [k for k in data if k not in FinetuneConfig.model_fields]
+    if unknown:
+        hints = []
+        for key in unknown:
+            close = difflib.get_close_matches(str(key), fields, n=1)
+            hints.append(f"{key}" + (f" (did you mean {close[0]}?)" if close else ""))
+        raise ValueError(f"unknown finetune setting(s): {', '.join(hints)}")
+
+
+def format_validation_error(exc: ValidationError | ValueError) -> str:
+    """One `field: reason` line per error, for CLI and API messages."""
+    if not isinstance(exc, ValidationError):
+        return str(exc)
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"])
+        msg = err["msg"].removeprefix("Value error, ")
+        if not loc:  # model-level checks already start with the field name
+            lines.append(msg)
+        elif "got " in msg:
+            lines.append(f"{loc}: {msg}")
+        else:
+            lines.append(f"{loc}: {msg} (got {err.get('input')!r})")
+    return "\n".join(lines)
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`field=value` from the command line; the value is parsed as YAML (numbers, lists, null)."""
+    if "=" not in text:
+        raise ValueError(f"--set expects field=value, got {text!r}")
+    key, raw = text.split("=", 1)
+    value = yaml.safe_load(raw) if raw.strip() else None
+    if isinstance(value, float) and math.isnan(value):
+        raise ValueError(f"{key}: NaN is not a valid value")
+    return key.strip(), value

@@ -1,0 +1,199 @@
+"""Datasets and (sharded) loaders for the finetune.
+
+A registry maps `FinetuneConfig.dataset` to a builder returning `(train, val)` datasets:
+
+* `imagefolder`: `root/train/<class>/*` and `root/val/<class>/*` (ConvNeXt-V2's `build_dataset`), timm train
+  transforms (RandomResizedCrop, flip, RandAugment, random erasing) and eval resize + center crop.
+  Unreadable images are fatal: the error names the file (a silently shrinking dataset hides bugs).
+* `digits`: scikit-learn's 8x8 handwritten digits as RGB, upsampled to `input_size`, with a fixed
+  stratified 80/20 split (seed 0, independent of the training seed). Deterministic preprocessing only:
+  random crops and flips destroy 8x8 digits, so the per-image augmentations are imagefolder-only.
+* `synthetic`: random images from a small fixed pool, for throughput measurements.
+
+Mixup/cutmix are batch-level and apply to every dataset (trainers/loop.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+
+from trainers.config import FinetuneConfig
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+class DataError(ValueError):
+    """A dataset problem; the message names the path and the fix."""
+
+
+def _normalize(x: torch.Tensor) -> torch.Tensor:
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+    mean = torch.tensor(IMAGENET_DEFAULT_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_DEFAULT_STD).view(3, 1, 1)
+    return (x - mean) / std
+
+
+class DigitsDataset(Dataset):
+    """8x8 grey digits -> normalised RGB tensors at `size` px (resized per item, so memory stays small)."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, size: int, interpolation: str):
+        self.images, self.labels = images, labels  # images: (N, 1, 8, 8) in [0, 1]
+        self.size, self.mode = size, interpolation
+        self.classes = [str(i) for i in range(10)]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        img = F.interpolate(self.images[i : i + 1], size=(self.size, self.size), mode=self.mode,
+                            **({} if self.mode == "nearest" else {"align_corners": False}))
+        img = img[0].clamp_(0, 1).expand(3, -1, -1)
+        return _normalize(img), int(self.labels[i])
+
+
+def build_digits(cfg: FinetuneConfig):
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    labels = torch.tensor(digits.target, dtype=torch.long)
+    train_idx, val_idx = train_test_split(range(len(labels)), test_size=0.2, random_state=0,
+                                          stratify=digits.target)
+    make = lambda idx: DigitsDataset(images[idx], labels[idx], cfg.input_size, cfg.interpolation)  # noqa: E731
+    return make(train_idx), make(val_idx)
+
+
+class SyntheticDataset(Dataset):
+    """`length` samples drawn from a pool of 64 fixed random images: generating data costs nothing."""
+
+    def __init__(self, length: int, size: int, num_classes: int, seed: int):
+        gen = torch.Generator().manual_seed(seed)
+        self.pool = torch.randn(64, 3, size, size, generator=gen)
+        self.labels = torch.randint(0, num_classes, (length,), generator=gen)
+        self.classes = [str(i) for i in range(num_classes)]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        return self.pool[i % len(self.pool)], int(self.labels[i])
+
+
+def build_synthetic(cfg: FinetuneConfig):
+    val_len = max(cfg.synthetic_samples // 8, 1)
+    return (SyntheticDataset(cfg.synthetic_samples, cfg.input_size, cfg.num_classes, seed=1),
+            SyntheticDataset(val_len, cfg.input_size, cfg.num_classes, seed=2))
+
+
+def check_imagefolder(root: str | Path, num_classes: int) -> list[str]:
+    """Validate the layout before any worker starts; returns the class names."""
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise DataError(f"data_root: {root} does not exist or is not a folder (expected train/ and val/ inside)")
+    classes_per_split = {}
+    for split in ("train", "val"):
+        split_dir = root / split
+        if not split_dir.is_dir():
+            raise DataError(f"data_root: missing split folder {split_dir} (expected {root}/train/<class>/... and "
+                            f"{root}/val/<class>/...)")
+        classes = sorted(d.name for d in split_dir.iterdir() if d.is_dir())
+        if not classes:
+            raise DataError(f"data_root: {split_dir} has no class folders")
+        for name in classes:
+            if not any(f.suffix.lower() in IMAGE_EXTENSIONS for f in (split_dir / name).iterdir()):
+                raise DataError(f"data_root: class folder {split_dir / name} has no images "
+                                f"({', '.join(IMAGE_EXTENSIONS)})")
+        classes_per_split[split] = classes
+    train, val = classes_per_split["train"], classes_per_split["val"]
+    if train != val:
+        diff = sorted(set(train) ^ set(val))
+        raise DataError(f"data_root: train/ and val/ have different class folders in {root}: {', '.join(diff[:10])}")
+    if len(train) != num_classes:
+        raise DataError(f"num_classes: is {num_classes} but {root}/train has {len(train)} class folders; "
+                        f"set num_classes={len(train)}")
+    return train
+
+
+def _load_rgb(path: str):
+    from PIL import Image
+
+    try:
+        with open(path, "rb") as f:
+            return Image.open(f).convert("RGB")
+    except Exception as exc:  # PIL raises many types; all of them mean the file is unusable
+        raise DataError(f"unreadable image {path}: {exc}. Remove or replace the file.") from exc
+
+
+def build_imagefolder(cfg: FinetuneConfig):
+    from timm.data import create_transform
+    from torchvision.datasets import ImageFolder
+
+    check_imagefolder(cfg.data_root, cfg.num_classes)
+    root = Path(cfg.data_root).expanduser()
+    train_tf = create_transform(cfg.input_size, is_training=True, hflip=cfg.hflip, color_jitter=cfg.color_jitter,
+                                auto_augment=cfg.aa, interpolation=cfg.interpolation, re_prob=cfg.reprob,
+                                re_mode=cfg.remode, re_count=cfg.recount)
+    # ConvNeXt-V2: resize + center crop below 384 px, plain resize at 384 and above
+    crop_pct = cfg.crop_pct or (224 / 256 if cfg.input_size < 384 else 1.0)
+    eval_tf = create_transform(cfg.input_size, is_training=False, interpolation=cfg.interpolation,
+                               crop_pct=crop_pct)
+    return (ImageFolder(str(root / "train"), transform=train_tf, loader=_load_rgb),
+            ImageFolder(str(root / "val"), transform=eval_tf, loader=_load_rgb))
+
+
+DATASETS: dict[str, Callable[[FinetuneConfig], tuple[Dataset, Dataset]]] = {
+    "digits": build_digits,
+    "imagefolder": build_imagefolder,
+    "synthetic": build_synthetic,
+}
+IN_MEMORY = {"digits", "synthetic"}
+
+
+def build_datasets(cfg: FinetuneConfig) -> tuple[Dataset, Dataset]:
+    return DATASETS[cfg.dataset](cfg)
+
+
+@dataclass
+class Loaders:
+    train: DataLoader
+    val: DataLoader
+    train_sampler: DistributedSampler
+    micro_batches_per_epoch: int  # per worker, whole accumulation windows only
+    updates_per_epoch: int
+
+
+def loader_workers(cfg: FinetuneConfig, cpus_per_worker: int) -> int:
+    if cfg.loader_workers is not None:
+        return cfg.loader_workers
+    return 0 if cfg.dataset in IN_MEMORY else max(cpus_per_worker - 1, 1)
+
+
+def build_loaders(cfg: FinetuneConfig, *, rank: int = 0, world_size: int = 1, cpus_per_worker: int = 1,
+                  pin_memory: bool = False) -> Loaders:
+    """Train batches sharded by a seeded DistributedSampler (`set_epoch` makes the order a function of the
+    epoch, which keeps resume exact); val split into disjoint, unpadded shards so the metrics, summed over
+    workers, count every image once."""
+    train_ds, val_ds = build_datasets(cfg)
+    sampler = DistributedSampler(train_ds, num_replicas=world_size, rank=rank, shuffle=True, seed=cfg.seed,
+                                 drop_last=True)
+    micro = len(sampler) // cfg.batch_size
+    updates = micro // cfg.accum_steps
+    if updates == 0:
+        raise DataError(f"batch_size: {cfg.batch_size} x accum_steps {cfg.accum_steps} x {world_size} worker(s) "
+                        f"is larger than the {len(train_ds)} training images; lower batch_size or accum_steps")
+    if cfg.steps_per_epoch_limit:
+        updates = min(updates, cfg.steps_per_epoch_limit)
+    workers = loader_workers(cfg, cpus_per_worker)
+    common = {"num_workers": workers, "pin_memory": pin_memory, "persistent_workers": workers > 0}
+    train = DataLoader(train_ds, batch_size=cfg.batch_size, sampler=sampler, drop_last=True, **common)
+    val_shard = Subset(val_ds, range(rank, len(val_ds), world_size))
+    val = DataLoader(val_shard, batch_size=max(int(1.5 * cfg.batch_size), 1), shuffle=False, **common)
+    return Loaders(train, val, sampler, updates * cfg.accum_steps, updates)
