@@ -1,0 +1,56 @@
+"""Request dependencies: the service objects and bearer-token auth with scopes."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+
+from fastapi import Depends, HTTPException, Request, status
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from service.settings import Settings
+from service.sweeps import SweepService
+
+bearer = HTTPBearer(auto_error=False, description="An API token from CONVTUNE_API_TOKENS")
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def get_service(request: Request) -> SweepService:
+    return request.app.state.sweeps
+
+
+def token_owner(token: str) -> str:
+    """A stable, non-secret name for a token (recorded as the sweep's owner)."""
+    return "token-" + hashlib.sha256(token.encode()).hexdigest()[:10]
+
+
+def require(scope: str):
+    """A dependency that admits requests whose token holds ``scope``; returns the caller's name."""
+
+    def check(request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> str:
+        settings: Settings = request.app.state.settings
+        if not settings.auth_enabled:
+            return "local"
+        if credentials is None or credentials.scheme.lower() != "bearer":
+            raise HTTPException(status.HTTP_401_UNAUTHORIZED, "missing bearer token: send "
+                                "'Authorization: Bearer <token>'", headers={"WWW-Authenticate": "Bearer"})
+        scopes = None
+        for token, granted in settings.api_tokens.items():  # constant-time compare against every token
+            if hmac.compare_digest(token.encode(), credentials.credentials.encode()):
+                scopes = granted
+        if scopes is None:
+            raise HTTPException(status.HTTP_401_UNAUTHORIZED, "invalid bearer token",
+                                headers={"WWW-Authenticate": "Bearer"})
+        if scope not in scopes:
+            raise HTTPException(status.HTTP_403_FORBIDDEN,
+                                f"this token lacks the '{scope}' scope (it has: {', '.join(sorted(scopes))})")
+        return token_owner(credentials.credentials)
+
+    return check
+
+
+read_access = require("read")
+submit_access = require("submit")

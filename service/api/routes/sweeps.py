@@ -1,0 +1,240 @@
+"""/v1/sweeps: submit, validate, list, detail, trials, logs, cancel, resume."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Header, HTTPException, Path, Query, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+
+from service.api.deps import get_service, get_settings, read_access, submit_access
+from service.api.schemas import (
+    ErrorOut,
+    Links,
+    SweepCreated,
+    SweepDetail,
+    SweepPage,
+    SweepSummary,
+    TrialOut,
+    TrialTable,
+)
+from service.jobs import JobNotFound, RayUnavailable, attempt_job_id
+from service.mlflow_reader import MlflowUnavailable, TrialRecord
+from service.models import SweepStatus
+from service.settings import Settings
+from service.specs import check_spec, parse_body
+from service.sweeps import SweepNotFound, SweepService, as_utc, objective, spec_data
+
+router = APIRouter(prefix="/v1/sweeps", tags=["sweeps"])
+
+SweepId = Annotated[str, Path(pattern=r"^sw-[0-9a-f]{12}$", description="A sweep id, e.g. sw-0123456789ab")]
+ERRORS = {401: {"model": ErrorOut}, 403: {"model": ErrorOut}, 503: {"model": ErrorOut}}
+NOT_FOUND = {404: {"model": ErrorOut}}
+
+
+def spec_body(schema_ref: str = "#/components/schemas/SweepSpec") -> dict:
+    """OpenAPI for a spec body: JSON per the SweepSpec schema, or the same as YAML text."""
+    return {"requestBody": {"required": True, "content": {
+        "application/json": {"schema": {"$ref": schema_ref}},
+        "application/yaml": {"schema": {"type": "string", "description": "the spec as YAML"}},
+    }}}
+
+
+def links(request: Request, settings: Settings, sweep, mlflow_url: str | None = None) -> Links:
+    base = f"/v1/sweeps/{sweep.id}"
+    return Links(self=base, trials=f"{base}/trials", logs=f"{base}/logs", mlflow=mlflow_url,
+                 ray=f"{settings.ray_url}/#/jobs/{sweep.ray_job_id}")
+
+
+def summary(sweep) -> SweepSummary:
+    return SweepSummary(id=sweep.id, name=sweep.name, status=sweep.status, attempt=sweep.attempt,
+                        created_at=as_utc(sweep.created_at), updated_at=as_utc(sweep.updated_at),
+                        finished_at=as_utc(sweep.finished_at))
+
+
+def trial_out(trial: TrialRecord) -> TrialOut:
+    def ts(ms):
+        return datetime.fromtimestamp(ms / 1000, UTC) if ms else None
+
+    return TrialOut(trial_id=trial.trial_id, run_id=trial.run_id, status=trial.status, params=trial.params,
+                    metrics=trial.metrics, started_at=ts(trial.start_time), ended_at=ts(trial.end_time))
+
+
+async def read_spec(request: Request, settings: Settings):
+    body = await request.body()
+    data = parse_body(body, request.headers.get("content-type"))
+    return await run_in_threadpool(check_spec, data, settings.data_roots)
+
+
+def _get(service: SweepService, sweep_id: str):
+    try:
+        return service.get(sweep_id)
+    except SweepNotFound:
+        raise HTTPException(404, f"no sweep {sweep_id}") from None
+
+
+@router.post("", status_code=202, response_model=SweepCreated, openapi_extra=spec_body(),
+             summary="Submit a sweep", responses={**ERRORS, 409: {"model": ErrorOut}, 413: {"model": ErrorOut},
+                                                  422: {"model": ErrorOut}})
+async def submit_sweep(
+    request: Request,
+    owner: Annotated[str, Depends(submit_access)],
+    idempotency_key: Annotated[str | None, Header(max_length=200, description=(
+        "Retrying with the same key returns the same sweep instead of starting a second job"))] = None,
+    settings: Settings = Depends(get_settings),
+    service: SweepService = Depends(get_service),
+):
+    """Validate the spec (JSON, or YAML with `Content-Type: application/yaml`) and start it as a Ray job."""
+    checked = await read_spec(request, settings)
+    result = await run_in_threadpool(service.submit, checked, idempotency_key=idempotency_key, owner=owner)
+    body = SweepCreated(id=result.sweep.id, status=result.sweep.status, created=result.created,
+                        links=links(request, settings, result.sweep))
+    return JSONResponse(body.model_dump(mode="json"), status_code=202,
+                        headers={"Location": f"/v1/sweeps/{result.sweep.id}"})
+
+
+@router.post("/validate", openapi_extra=spec_body(), summary="Dry-run a spec; nothing is submitted",
+             responses={**ERRORS, 413: {"model": ErrorOut}, 422: {"model": ErrorOut}})
+async def validate_sweep(
+    request: Request,
+    _: Annotated[str, Depends(submit_access)],
+    settings: Settings = Depends(get_settings),
+    service: SweepService = Depends(get_service),
+) -> dict:
+    """The dry run: the resolved trials and resources, against the live cluster when Ray answers."""
+    from search_spaces.spec import dry_run
+
+    checked = await read_spec(request, settings)
+    resources = await run_in_threadpool(service.jobs.cluster_resources)
+    totals, nodes = resources or (None, None)
+    report = await run_in_threadpool(dry_run, checked.spec, totals, nodes)
+    report = dict(report) if isinstance(report, dict) else {"report": report}
+    report.setdefault("valid", True)
+    if resources is None:
+        report.setdefault("warnings", []).append(
+            "Ray is unreachable: resources were not checked against a live cluster")
+    return report
+
+
+@router.get("", response_model=SweepPage, summary="List sweeps", responses=ERRORS)
+def list_sweeps(
+    _: Annotated[str, Depends(read_access)],
+    status: Annotated[list[SweepStatus] | None, Query(description="Only these statuses (repeatable)")] = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    offset: Annotated[int, Query(ge=0, le=10_000_000)] = 0,
+    service: SweepService = Depends(get_service),
+):
+    rows, total = service.list([s.value for s in status] if status else None, limit, offset)
+    nxt = offset + len(rows) if offset + len(rows) < total else None
+    return SweepPage(items=[summary(r) for r in rows], total=total, limit=limit, offset=offset, next_offset=nxt)
+
+
+@router.get("/{sweep_id}", response_model=SweepDetail, summary="A sweep: status, progress, best trial, links",
+            responses={**ERRORS, **NOT_FOUND})
+def get_sweep(
+    request: Request,
+    sweep_id: SweepId,
+    _: Annotated[str, Depends(read_access)],
+    settings: Settings = Depends(get_settings),
+    service: SweepService = Depends(get_service),
+):
+    sweep = _get(service, sweep_id)
+    warnings = []
+    try:
+        sweep = service.reconcile(sweep)
+    except RayUnavailable as exc:
+        warnings.append(f"status may be stale: {exc}")
+    data = spec_data(sweep)
+    metric, mode = objective(data)
+    progress = best = mlflow_url = None
+    try:
+        runs = service.runs(sweep)
+        progress = service.progress(sweep.total_trials, runs.trials)
+        best_record = service.best_trial(data, runs.trials)
+        best = trial_out(best_record) if best_record else None
+        mlflow_url = service.mlflow.run_url(settings.mlflow_url, runs.experiment_id, runs.parent_run_id)
+    except MlflowUnavailable as exc:
+        warnings.append(f"trial data unavailable: {exc}")
+    return SweepDetail(**summary(sweep).model_dump(), message=sweep.message, ray_job_id=sweep.ray_job_id,
+                       metric=metric, mode=mode, progress=progress, best_trial=best,
+                       links=links(request, settings, sweep, mlflow_url), spec=data, warnings=warnings)
+
+
+@router.get("/{sweep_id}/trials", response_model=TrialTable, summary="The trial table",
+            responses={**ERRORS, **NOT_FOUND})
+def get_trials(
+    sweep_id: SweepId,
+    _: Annotated[str, Depends(read_access)],
+    service: SweepService = Depends(get_service),
+):
+    """Every trial with its params, latest metrics and status, read from the sweep's MLflow runs."""
+    sweep = _get(service, sweep_id)
+    data = spec_data(sweep)
+    metric, mode = objective(data)
+    runs = service.runs(sweep)
+    return TrialTable(sweep_id=sweep.id, metric=metric, mode=mode, trials=[trial_out(t) for t in runs.trials])
+
+
+@router.get("/{sweep_id}/logs", response_class=PlainTextResponse, summary="The driver's log",
+            responses={**ERRORS, **NOT_FOUND, 200: {"content": {"text/plain": {}}}})
+async def get_logs(
+    sweep_id: SweepId,
+    _: Annotated[str, Depends(read_access)],
+    tail: Annotated[int | None, Query(ge=1, le=100_000, description="Only the last N lines")] = None,
+    follow: Annotated[bool, Query(description="Stream the log until the sweep's job ends")] = False,
+    attempt: Annotated[int | None, Query(ge=1, le=1000, description="Which attempt (default: latest)")] = None,
+    service: SweepService = Depends(get_service),
+):
+    sweep = await run_in_threadpool(_get, service, sweep_id)
+    attempt = attempt or sweep.attempt
+    if attempt > sweep.attempt:
+        raise HTTPException(404, f"sweep {sweep_id} has {sweep.attempt} attempt(s)")
+    job_id = attempt_job_id(sweep.id, attempt)
+    try:
+        full = await run_in_threadpool(service.jobs.logs, job_id)
+    except JobNotFound:
+        raise HTTPException(404, f"Ray has no job {job_id} (yet)") from None
+    text = "".join(full.splitlines(keepends=True)[-tail:]) if tail else full
+    if not follow:
+        return PlainTextResponse(text)
+
+    async def stream():
+        yield text
+        skip = len(full)  # Ray's log tail replays the log from its start: drop what was sent
+        try:
+            async for chunk in service.jobs.follow(job_id):
+                if skip >= len(chunk):
+                    skip -= len(chunk)
+                    continue
+                yield chunk[skip:]
+                skip = 0
+        except (RayUnavailable, RuntimeError):
+            yield "\n[convtune] lost the log stream from Ray\n"
+
+    return StreamingResponse(stream(), media_type="text/plain")
+
+
+@router.post("/{sweep_id}/cancel", response_model=SweepSummary, status_code=202,
+             summary="Stop a sweep gracefully (the driver saves its state)",
+             responses={**ERRORS, **NOT_FOUND, 409: {"model": ErrorOut}})
+def cancel_sweep(
+    sweep_id: SweepId,
+    _: Annotated[str, Depends(submit_access)],
+    service: SweepService = Depends(get_service),
+):
+    _get(service, sweep_id)
+    return summary(service.cancel(sweep_id))
+
+
+@router.post("/{sweep_id}/resume", response_model=SweepSummary, status_code=202,
+             summary="Continue a stopped or failed sweep from its saved state",
+             responses={**ERRORS, **NOT_FOUND, 409: {"model": ErrorOut}})
+def resume_sweep(
+    sweep_id: SweepId,
+    _: Annotated[str, Depends(submit_access)],
+    service: SweepService = Depends(get_service),
+):
+    _get(service, sweep_id)
+    return summary(service.resume(sweep_id))

@@ -1,0 +1,159 @@
+"""Read a sweep's runs back from MLflow: the parent run (tagged with the sweep id) and one child run
+per trial. The API keeps no trial data of its own; MLflow is the record."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+
+SWEEP_TAG = "convtune.sweep_id"
+TRIAL_TAG = "convtune.trial_id"
+TRIAL_STATUS_TAG = "convtune.trial_status"  # the driver's own verdict, e.g. STOPPED_EARLY
+PARENT_TAG = "mlflow.parentRunId"
+
+# MLflow's client retries for minutes by default; an API request should fail fast instead
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+
+
+class MlflowUnavailable(RuntimeError):
+    """The MLflow tracking server cannot be reached (answers 503)."""
+
+
+@dataclass
+class TrialRecord:
+    trial_id: str
+    run_id: str
+    status: str  # RUNNING FINISHED STOPPED_EARLY FAILED KILLED
+    params: dict[str, str]
+    metrics: dict[str, float]
+    start_time: int | None
+    end_time: int | None
+
+
+@dataclass
+class SweepRuns:
+    experiment_id: str | None = None
+    parent_run_id: str | None = None
+    parent_status: str | None = None
+    trials: list[TrialRecord] = field(default_factory=list)
+
+
+def trial_status(run) -> str:
+    """A trial's status: the driver's tag when it set one (stopped early), else MLflow's run status."""
+    tagged = run.data.tags.get(TRIAL_STATUS_TAG)
+    return tagged.upper() if tagged else run.info.status
+
+
+class MlflowReader:
+    def __init__(self, tracking_uri: str, cache_ttl_s: float = 2.0):
+        self.tracking_uri = tracking_uri
+        self.cache_ttl_s = cache_ttl_s
+        self._cache: dict[str, tuple[float, SweepRuns]] = {}
+
+    def _client(self):
+        from mlflow.tracking import MlflowClient
+
+        return MlflowClient(tracking_uri=self.tracking_uri)
+
+    def _guard(self, fn, *args, **kwargs):
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return fn(*args, **kwargs)
+        except MlflowException as exc:
+            if "RESOURCE_DOES_NOT_EXIST" in str(getattr(exc, "error_code", "")):
+                raise LookupError(str(exc)) from exc
+            raise MlflowUnavailable(f"MLflow at {self.tracking_uri} failed: {exc}") from exc
+        except OSError as exc:  # requests' ConnectionError is an OSError
+            raise MlflowUnavailable(f"MLflow at {self.tracking_uri} is unreachable: {exc}") from exc
+
+    def ping(self) -> None:
+        if self.tracking_uri.startswith(("http://", "https://")):
+            import requests
+
+            try:
+                requests.get(f"{self.tracking_uri.rstrip('/')}/health", timeout=3).raise_for_status()
+            except Exception as exc:
+                raise MlflowUnavailable(f"MLflow at {self.tracking_uri} is unreachable: {exc}") from exc
+        else:
+            self._guard(self._client().search_experiments, max_results=1)
+
+    def find_parent(self, sweep_id: str, experiment_id: str | None = None):
+        client = self._client()
+        if experiment_id:
+            experiment_ids = [experiment_id]
+        else:
+            experiments = self._guard(client.search_experiments, max_results=1000)
+            experiment_ids = [e.experiment_id for e in experiments]
+        if not experiment_ids:
+            return None
+        runs = self._guard(client.search_runs, experiment_ids,
+                           filter_string=f"tags.`{SWEEP_TAG}` = '{sweep_id}' and tags.`{PARENT_TAG}` IS NULL",
+                           max_results=5, order_by=["attributes.start_time ASC"])
+        if not runs:  # drivers that tag the children too: the parent is the run without a parent
+            return None
+        return runs[0]
+
+    def sweep_runs(self, sweep_id: str, experiment_id: str | None = None,
+                   parent_run_id: str | None = None, use_cache: bool = True) -> SweepRuns:
+        now = time.monotonic()
+        cached = self._cache.get(sweep_id)
+        if use_cache and cached and now - cached[0] < self.cache_ttl_s:
+            return cached[1]
+        client = self._client()
+        if parent_run_id:
+            parent = self._guard(client.get_run, parent_run_id)
+        else:
+            parent = self.find_parent(sweep_id, experiment_id)
+        result = SweepRuns()
+        if parent is not None:
+            result.experiment_id = parent.info.experiment_id
+            result.parent_run_id = parent.info.run_id
+            result.parent_status = parent.info.status
+            children = []
+            token = None
+            while True:
+                page = self._guard(client.search_runs, [result.experiment_id],
+                                   filter_string=f"tags.`{PARENT_TAG}` = '{result.parent_run_id}'",
+                                   max_results=1000, page_token=token,
+                                   order_by=["attributes.start_time ASC"])
+                children.extend(page)
+                token = page.token
+                if not token:
+                    break
+            result.trials = [
+                TrialRecord(
+                    trial_id=run.data.tags.get(TRIAL_TAG) or run.data.tags.get("trial_name") or run.info.run_name,
+                    run_id=run.info.run_id, status=trial_status(run), params=dict(run.data.params),
+                    metrics=dict(run.data.metrics), start_time=run.info.start_time, end_time=run.info.end_time)
+                for run in children
+            ]
+        self._cache[sweep_id] = (now, result)
+        return result
+
+    def finalize(self, sweep_id: str, runs: SweepRuns, status: str) -> int:
+        """End every run of the sweep still RUNNING (parent included) with ``status``; returns how many.
+
+        The driver ends its runs on a graceful stop; this is the safety net for a driver that was
+        killed hard (SIGKILL after the stop grace period, a lost node), so no run stays RUNNING.
+        """
+        client = self._client()
+        ended = 0
+        for trial in runs.trials:
+            if trial.status == "RUNNING":
+                self._guard(client.set_terminated, trial.run_id, status)
+                ended += 1
+        if runs.parent_run_id and runs.parent_status == "RUNNING":
+            self._guard(client.set_terminated, runs.parent_run_id, status)
+            ended += 1
+        self._cache.pop(sweep_id, None)
+        return ended
+
+    def run_url(self, public_url: str, experiment_id: str | None, run_id: str | None) -> str | None:
+        if not experiment_id:
+            return None
+        if run_id:
+            return f"{public_url}/#/experiments/{experiment_id}/runs/{run_id}"
+        return f"{public_url}/#/experiments/{experiment_id}"

@@ -1,0 +1,130 @@
+"""Service settings, read once from the environment (prefix ``CONVTUNE_``) and an optional ``.env``.
+
+Defaults point at the local stack that ``convtune up`` starts: everything under one data folder,
+Ray's Jobs API on 8265, MLflow on 5000, the API on 8000, bound to loopback without tokens.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import sys
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+SCOPES = ("read", "submit")
+"""``read``: every GET; ``submit``: submit, validate, cancel and resume sweeps."""
+
+
+def default_data_dir() -> Path:
+    return Path("~/.convtune").expanduser()
+
+
+def _split_list(value):
+    if isinstance(value, str):
+        return [part.strip() for part in value.replace(";", ",").split(",") if part.strip()]
+    return value
+
+
+def parse_api_tokens(value) -> dict[str, frozenset[str]]:
+    """``"tok1=read+submit,tok2=read,tok3"`` -> {token: scopes}; a bare token gets every scope."""
+    if isinstance(value, dict):
+        return {str(k): frozenset(v) for k, v in value.items()}
+    tokens: dict[str, frozenset[str]] = {}
+    for entry in _split_list(value) or []:
+        token, _, scopes = entry.partition("=")
+        wanted = frozenset(s for s in scopes.split("+") if s) if scopes else frozenset(SCOPES)
+        unknown = wanted - set(SCOPES)
+        if unknown:
+            raise ValueError(f"unknown scope(s) {sorted(unknown)} for an API token; valid scopes: {list(SCOPES)}")
+        if len(token) < 8:
+            raise ValueError("API tokens must be at least 8 characters long")
+        tokens[token] = wanted
+    return tokens
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class Settings(BaseSettings):
+    """Everything the API process needs; one instance per process."""
+
+    model_config = SettingsConfigDict(env_prefix="CONVTUNE_", env_file=".env", extra="ignore")
+
+    data_dir: Path = Field(default_factory=default_data_dir,
+                           description="Folder for the local stack's state (DB, MLflow store, Ray results).")
+    ray_address: str = Field("http://127.0.0.1:8265", description="Ray Jobs API (dashboard) URL.")
+    ray_auth_token: SecretStr | None = Field(
+        None, description="Token for a Ray cluster with token auth on; unset means RAY_AUTH_MODE=disabled.")
+    ray_public_url: str | None = Field(None, description="Ray dashboard URL for links (default: ray_address).")
+    mlflow_tracking_uri: str = Field("http://127.0.0.1:5000", description="MLflow tracking server URI.")
+    mlflow_public_url: str | None = Field(None, description="MLflow UI URL for links (default: tracking URI).")
+    database_url: str | None = Field(None, description="SQLAlchemy URL; default sqlite:///<data_dir>/convtune.db.")
+    storage_path: str | None = Field(
+        None, description="Ray Tune storage (shared by all Ray nodes); default <data_dir>/ray_results.")
+    api_tokens: Annotated[dict[str, frozenset[str]], NoDecode] = Field(
+        default_factory=dict, description="Bearer tokens: 'tok=read+submit,tok2=read'; a bare token has all scopes.")
+    data_roots: Annotated[list[Path], NoDecode] = Field(
+        default_factory=list, description="Folders specs may read data from; default <data_dir>/data.")
+    host: str = Field("127.0.0.1", description="Bind address of the API.")
+    port: int = Field(8000, ge=1, le=65535, description="Port of the API.")
+    max_body_bytes: int = Field(256 * 1024, ge=1024, description="Largest accepted request body.")
+    job_python: str = Field(sys.executable, description="Interpreter that runs the sweep driver on the Ray head.")
+    job_stop_wait_s: int = Field(60, ge=1, description="Grace period for a cancelled driver before SIGKILL.")
+    reconcile_interval_s: float = Field(5.0, gt=0, description="How often active sweeps are synced with Ray.")
+
+    @field_validator("api_tokens", mode="before")
+    @classmethod
+    def _tokens(cls, value):
+        return parse_api_tokens(value)
+
+    @field_validator("data_roots", mode="before")
+    @classmethod
+    def _roots(cls, value):
+        return _split_list(value)
+
+    @model_validator(mode="after")
+    def _fill_defaults(self):
+        self.data_dir = self.data_dir.expanduser().resolve()
+        if self.database_url is None:
+            self.database_url = f"sqlite:///{self.data_dir / 'convtune.db'}"
+        if self.storage_path is None:
+            self.storage_path = str(self.data_dir / "ray_results")
+        if not self.data_roots:
+            self.data_roots = [self.data_dir / "data"]
+        self.data_roots = [Path(p).expanduser().resolve() for p in self.data_roots]
+        self.ray_address = self.ray_address.rstrip("/")
+        return self
+
+    @property
+    def auth_enabled(self) -> bool:
+        return bool(self.api_tokens)
+
+    @property
+    def ray_url(self) -> str:
+        return (self.ray_public_url or self.ray_address).rstrip("/")
+
+    @property
+    def mlflow_url(self) -> str:
+        return (self.mlflow_public_url or self.mlflow_tracking_uri).rstrip("/")
+
+    def check_bind(self) -> None:
+        """Refuse to serve beyond loopback without tokens: the API would be open to the network."""
+        if not is_loopback(self.host) and not self.auth_enabled:
+            raise ValueError(
+                f"CONVTUNE_HOST={self.host} exposes the API beyond loopback: set CONVTUNE_API_TOKENS "
+                "(e.g. 'a-long-secret=read+submit') or bind to 127.0.0.1")
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,146 @@
+"""A submitted spec is data, never code: parsed with safe loaders, validated by the sweep spec's own
+schema (known models, optimizers, schedules, datasets only), and every filesystem path in it must
+resolve inside the allowed data roots."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+YAML_TYPES = ("application/yaml", "application/x-yaml", "text/yaml", "text/x-yaml")
+# keys whose string values are filesystem paths the trial will read
+PATH_KEYS = frozenset({"data_root", "data_path", "data_dir", "checkpoint", "pretrained_checkpoint",
+                       "finetune", "init_checkpoint", "resume_from"})
+
+
+@dataclass
+class FieldError:
+    field: str
+    reason: str
+    type: str = "value_error"
+
+
+class SpecError(ValueError):
+    """An invalid spec; carries one entry per offending field (answers 422)."""
+
+    def __init__(self, errors: list[FieldError], summary: str = "invalid sweep spec"):
+        super().__init__(summary + ": " + "; ".join(f"{e.field}: {e.reason}" for e in errors))
+        self.errors = errors
+        self.summary = summary
+
+
+@dataclass(frozen=True)
+class CheckedSpec:
+    spec: Any  # search_spaces.spec.SweepSpec
+    data: dict
+    canonical_json: str
+    spec_hash: str
+    total_trials: int | None = None
+
+
+def parse_body(body: bytes, content_type: str | None) -> dict:
+    """JSON by default, YAML when the content type says so; only plain data (``yaml.safe_load``)."""
+    media = (content_type or "application/json").split(";")[0].strip().lower()
+    if not body.strip():
+        raise SpecError([FieldError("body", "the request body is empty; send a sweep spec", "missing")])
+    try:
+        if media in YAML_TYPES:
+            data = yaml.safe_load(body)
+        elif media in ("application/json", "text/json") or media.endswith("+json"):
+            data = json.loads(body)
+        else:
+            raise SpecError([FieldError("content-type", f"unsupported media type {media!r}; send "
+                                        "application/json or application/yaml", "media_type")])
+    except (yaml.YAMLError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise SpecError([FieldError("body", f"not valid {'YAML' if media in YAML_TYPES else 'JSON'}: {exc}",
+                                    "parse_error")]) from exc
+    if not isinstance(data, dict):
+        raise SpecError([FieldError("body", f"a sweep spec is a mapping, got {type(data).__name__}", "type_error")])
+    return data
+
+
+def field_errors(exc) -> list[FieldError]:
+    """pydantic ValidationError -> one FieldError per error, with a dotted field path."""
+    out = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err.get("loc", ())) or "spec"
+        out.append(FieldError(loc, err.get("msg", "invalid"), err.get("type", "value_error")))
+    return out
+
+
+def _walk_paths(value, prefix: str = ""):
+    """Yield (field, path string) for every value under a PATH_KEYS key, lists and search values included."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            where = f"{prefix}.{key}" if prefix else str(key)
+            if key in PATH_KEYS:
+                yield from _path_values(item, where)
+            else:
+                yield from _walk_paths(item, where)
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            yield from _walk_paths(item, f"{prefix}.{i}")
+
+
+def _path_values(value, where: str):
+    if isinstance(value, str):
+        yield where, value
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            yield from _path_values(item, f"{where}.{i}")
+    elif isinstance(value, dict):  # a searched path: {type: choice, values: [...]}
+        yield from _path_values(value.get("values"), f"{where}.values")
+
+
+def check_path(raw: str, roots: list[Path]) -> str | None:
+    """The reason ``raw`` is not allowed, or None. Symlinks are resolved before the containment check."""
+    if "\x00" in raw:
+        return "contains a NUL byte"
+    if raw.startswith(("s3://", "gs://", "http://", "https://", "file:")):
+        return "only local paths inside the allowed data roots are accepted"
+    parts = Path(raw).parts
+    if ".." in parts:
+        return "must not contain '..'"
+    path = Path(os.path.expanduser(raw)) if raw.startswith("~") else Path(raw)
+    if not path.is_absolute():
+        return f"must be an absolute path inside the allowed data roots ({', '.join(map(str, roots))})"
+    resolved = path.resolve()  # follows symlinks, so a link pointing outside is caught here
+    if not any(resolved == root or resolved.is_relative_to(root) for root in roots):
+        return (f"resolves to {resolved}, outside the allowed data roots ({', '.join(map(str, roots))}); "
+                "move the data under a root or add one to CONVTUNE_DATA_ROOTS")
+    return None
+
+
+def check_spec(data: dict, roots: list[Path]) -> CheckedSpec:
+    """Validate a spec mapping; raise SpecError naming every bad field."""
+    from pydantic import ValidationError
+
+    from search_spaces import spec as sweep_spec
+
+    _raise_path_errors(data, roots)  # before parsing, so nothing outside the roots is even looked at
+    try:
+        spec = sweep_spec.load_spec(data)
+    except sweep_spec.SpecError as exc:
+        raise SpecError([FieldError(e["field"], e["message"]) for e in exc.errors]) from exc
+    except ValidationError as exc:
+        raise SpecError(field_errors(exc)) from exc
+    except (ValueError, KeyError, TypeError) as exc:
+        raise SpecError([FieldError("spec", str(exc))]) from exc
+    dumped = spec.model_dump(mode="json")
+    _raise_path_errors(dumped, roots)
+    canonical = json.dumps(dumped, sort_keys=True, separators=(",", ":"))
+    return CheckedSpec(spec, dumped, canonical, hashlib.sha256(canonical.encode()).hexdigest(),
+                       sweep_spec.count_trials(spec))
+
+
+def _raise_path_errors(data: dict, roots: list[Path]) -> None:
+    errors = [FieldError(where, reason, "path_not_allowed")
+              for where, raw in _walk_paths(data) if (reason := check_path(raw, roots))]
+    if errors:
+        raise SpecError(errors)

@@ -1,0 +1,309 @@
+"""What the API does with sweeps: submit, reconcile with Ray, cancel, resume, read back from MLflow.
+
+The database row is the only thing the service owns; Ray owns the job's state and MLflow the trial
+data. Every mutation is a compare-and-set on the row's status, so concurrent requests and several
+API workers agree, and a restart finds everything it needs in the database.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from sqlalchemy import func, select, update
+from sqlalchemy.exc import IntegrityError
+
+from service.db import Database
+from service.jobs import JobControl, JobNotFound, RayUnavailable, attempt_job_id
+from service.mlflow_reader import MlflowReader, MlflowUnavailable, SweepRuns, TrialRecord
+from service.models import ACTIVE, Sweep, SweepStatus, utcnow
+from service.settings import Settings
+from service.specs import CheckedSpec
+
+log = logging.getLogger("convtune.service")
+
+RAY_TO_SWEEP = {
+    "PENDING": SweepStatus.PENDING,
+    "RUNNING": SweepStatus.RUNNING,
+    "STOPPED": SweepStatus.STOPPED,
+    "SUCCEEDED": SweepStatus.SUCCEEDED,
+    "FAILED": SweepStatus.FAILED,
+}
+# a row left SUBMITTING longer than this lost its API process between the DB write and the submit
+SUBMIT_GRACE = timedelta(seconds=30)
+# trial statuses as the progress counts them
+PROGRESS_BUCKETS = {
+    "FINISHED": "finished", "RUNNING": "running", "STOPPED_EARLY": "stopped_early",
+    "FAILED": "failed", "KILLED": "killed", "TERMINATED": "finished",
+}
+
+
+class SweepNotFound(LookupError):
+    pass
+
+
+class Conflict(RuntimeError):
+    """The action does not fit the sweep's state (answers 409)."""
+
+
+class JobRejected(RuntimeError):
+    """Ray answered but refused the job (answers 502)."""
+
+
+@dataclass
+class SubmitResult:
+    sweep: Sweep
+    created: bool
+
+
+def new_sweep_id() -> str:
+    return f"sw-{uuid.uuid4().hex[:12]}"
+
+
+def spec_attr(spec_data: dict, *names, default=None):
+    """Read a top-level or nested (``tune.metric``) field from a spec's JSON form."""
+    for name in names:
+        node = spec_data
+        for part in name.split("."):
+            if not isinstance(node, dict) or part not in node:
+                node = None
+                break
+            node = node[part]
+        if node is not None:
+            return node
+    return default
+
+
+def objective(spec_data: dict) -> tuple[str, str]:
+    metric = spec_attr(spec_data, "metric", default="val_top1")
+    mode = spec_attr(spec_data, "mode", default="max")
+    return str(metric), str(mode)
+
+
+class SweepService:
+    def __init__(self, settings: Settings, db: Database, jobs: JobControl, mlflow: MlflowReader):
+        self.settings, self.db, self.jobs, self.mlflow = settings, db, jobs, mlflow
+
+    # --- reads
+    def get(self, sweep_id: str) -> Sweep:
+        with self.db.session() as s:
+            sweep = s.get(Sweep, sweep_id)
+        if sweep is None:
+            raise SweepNotFound(sweep_id)
+        return sweep
+
+    def list(self, statuses: list[str] | None, limit: int, offset: int) -> tuple[list[Sweep], int]:
+        query = select(Sweep)
+        count = select(func.count()).select_from(Sweep)
+        if statuses:
+            query = query.where(Sweep.status.in_(statuses))
+            count = count.where(Sweep.status.in_(statuses))
+        query = query.order_by(Sweep.created_at.desc(), Sweep.id.desc()).limit(limit).offset(offset)
+        with self.db.session() as s:
+            return list(s.scalars(query)), int(s.scalar(count) or 0)
+
+    # --- submit
+    def submit(self, checked: CheckedSpec, *, idempotency_key: str | None, owner: str | None) -> SubmitResult:
+        if idempotency_key:
+            existing = self._by_key(idempotency_key)
+            if existing is not None:
+                return SubmitResult(self._same_spec(existing, checked), created=False)
+        self.require_backends()  # nothing is written unless Ray and MLflow answer
+        sweep_id = new_sweep_id()
+        name = str(spec_attr(checked.data, "name", default=sweep_id))[:200]
+        row = Sweep(id=sweep_id, name=name, status=SweepStatus.SUBMITTING, spec_json=checked.canonical_json,
+                    spec_hash=checked.spec_hash, total_trials=checked.total_trials, idempotency_key=idempotency_key, owner=owner, attempt=1,
+                    ray_job_id=attempt_job_id(sweep_id, 1))
+        try:
+            with self.db.session() as s:
+                s.add(row)
+                s.commit()
+        except IntegrityError:  # a concurrent request with the same key won the race
+            existing = self._by_key(idempotency_key) if idempotency_key else None
+            if existing is None:
+                raise
+            return SubmitResult(self._same_spec(existing, checked), created=False)
+        try:
+            self._submit_job(row, resume=False)
+        except Exception:
+            with self.db.session() as s:  # nothing half-created: the row goes with the failed submit
+                s.execute(Sweep.__table__.delete().where(Sweep.id == sweep_id))
+                s.commit()
+            raise
+        return SubmitResult(self._set_status(sweep_id, SweepStatus.PENDING, expect=[SweepStatus.SUBMITTING])
+                            or self.get(sweep_id), created=True)
+
+    def _by_key(self, key: str) -> Sweep | None:
+        with self.db.session() as s:
+            return s.scalar(select(Sweep).where(Sweep.idempotency_key == key))
+
+    @staticmethod
+    def _same_spec(existing: Sweep, checked: CheckedSpec) -> Sweep:
+        if existing.spec_hash != checked.spec_hash:
+            raise Conflict(f"Idempotency-Key already used for sweep {existing.id} with a different spec; "
+                           "use a new key for a new sweep")
+        return existing
+
+    def require_backends(self) -> None:
+        self.jobs.ping()
+        self.mlflow.ping()
+
+    def _submit_job(self, sweep: Sweep, resume: bool) -> None:
+        metadata = {"convtune_sweep_id": sweep.id, "convtune_attempt": sweep.attempt,
+                    "convtune_owner": sweep.owner or ""}
+        try:
+            self.jobs.submit(job_id=sweep.ray_job_id, sweep_id=sweep.id, spec_json=sweep.spec_json,
+                             resume=resume, metadata=metadata)
+        except RayUnavailable:
+            raise
+        except Exception as exc:
+            raise JobRejected(f"Ray refused the job for sweep {sweep.id}: {exc}") from exc
+
+    def _set_status(self, sweep_id: str, status: SweepStatus, *, expect=None, **values) -> Sweep | None:
+        """Compare-and-set: update only while the row is in one of ``expect``; the row, or None."""
+        stmt = update(Sweep).where(Sweep.id == sweep_id).values(status=status, updated_at=utcnow(), **values)
+        if expect is not None:
+            stmt = stmt.where(Sweep.status.in_([str(e) for e in expect]))
+        with self.db.session() as s:
+            changed = s.execute(stmt).rowcount
+            s.commit()
+            return s.get(Sweep, sweep_id) if changed else None
+
+    # --- reconcile
+    def reconcile(self, sweep: Sweep) -> Sweep:
+        """Bring one active row in line with Ray; finish MLflow runs a killed driver left open."""
+        status = SweepStatus(sweep.status)
+        if status.is_terminal:
+            return self._finalize(sweep) if sweep.finished_at is None else sweep
+        try:
+            state = self.jobs.state(sweep.ray_job_id)
+        except JobNotFound:
+            if status is SweepStatus.SUBMITTING:
+                created = sweep.updated_at if sweep.updated_at.tzinfo else sweep.updated_at.replace(tzinfo=UTC)
+                if utcnow() - created > SUBMIT_GRACE:  # the API died mid-submit: finish what it started
+                    self._submit_job(sweep, resume=sweep.attempt > 1)
+                return sweep
+            updated = self._set_status(sweep.id, SweepStatus.FAILED, expect=[status], message=(
+                f"Ray no longer knows job {sweep.ray_job_id} (the cluster restarted?); "
+                f"resume it with POST /v1/sweeps/{sweep.id}/resume"))
+            return self._finalize(updated) if updated else self.get(sweep.id)
+        target = RAY_TO_SWEEP.get(state.status, status)
+        if status is SweepStatus.STOPPING and not target.is_terminal:
+            return sweep  # the driver is still saving state
+        if target is status and (state.message or None) == sweep.message:
+            return sweep
+        updated = self._set_status(sweep.id, target, expect=[status], message=state.message)
+        if updated and target.is_terminal:
+            return self._finalize(updated)
+        return updated or self.get(sweep.id)
+
+    def _finalize(self, sweep: Sweep) -> Sweep:
+        """Terminal now: end any run still RUNNING, then stamp finished_at (retried until MLflow answers)."""
+        try:
+            runs = self.mlflow.sweep_runs(sweep.id, sweep.mlflow_experiment_id, sweep.mlflow_parent_run_id,
+                                          use_cache=False)
+            ended = self.mlflow.finalize(sweep.id, runs, "FAILED" if sweep.status == SweepStatus.FAILED else "KILLED")
+        except (MlflowUnavailable, LookupError) as exc:
+            log.warning("sweep %s: cannot finalize MLflow runs yet: %s", sweep.id, exc)
+            return sweep
+        if ended:
+            log.info("sweep %s: ended %d MLflow run(s) the driver left RUNNING", sweep.id, ended)
+        with self.db.session() as s:
+            s.execute(update(Sweep).where(Sweep.id == sweep.id, Sweep.finished_at.is_(None)).values(
+                finished_at=utcnow(), mlflow_experiment_id=runs.experiment_id or sweep.mlflow_experiment_id,
+                mlflow_parent_run_id=runs.parent_run_id or sweep.mlflow_parent_run_id))
+            s.commit()
+            return s.get(Sweep, sweep.id)
+
+    def reconcile_all(self) -> int:
+        """One pass over every row that is active or not yet finalized; returns how many changed."""
+        with self.db.session() as s:
+            rows = list(s.scalars(select(Sweep).where(
+                (Sweep.status.in_([str(x) for x in ACTIVE])) | (Sweep.finished_at.is_(None)))))
+        changed = 0
+        for row in rows:
+            try:
+                after = self.reconcile(row)
+            except RayUnavailable:
+                return changed  # nothing to learn until Ray is back
+            except Exception:  # noqa: BLE001 - one bad row must not stop the others
+                log.exception("reconciling sweep %s failed", row.id)
+                continue
+            changed += int(after.status != row.status)
+        return changed
+
+    # --- control
+    def cancel(self, sweep_id: str) -> Sweep:
+        sweep = self.reconcile(self.get(sweep_id))
+        status = SweepStatus(sweep.status)
+        if status is SweepStatus.STOPPING:
+            return sweep
+        if status.is_terminal:
+            raise Conflict(f"sweep {sweep_id} is already {status.value}; nothing to cancel")
+        self.jobs.stop(sweep.ray_job_id)
+        return self._set_status(sweep_id, SweepStatus.STOPPING, expect=[status],
+                                message="cancel requested: the driver is saving its state") or self.get(sweep_id)
+
+    def resume(self, sweep_id: str) -> Sweep:
+        sweep = self.reconcile(self.get(sweep_id))
+        status = SweepStatus(sweep.status)
+        if not status.is_resumable:
+            raise Conflict(f"sweep {sweep_id} is {status.value}; only STOPPED or FAILED sweeps can be resumed")
+        self.require_backends()
+        attempt = sweep.attempt + 1
+        claimed = self._set_status(sweep_id, SweepStatus.SUBMITTING, expect=[status], attempt=attempt,
+                                   ray_job_id=attempt_job_id(sweep_id, attempt), finished_at=None,
+                                   message=f"resuming (attempt {attempt})")
+        if claimed is None:
+            raise Conflict(f"sweep {sweep_id} changed state during the resume; try again")
+        try:
+            self._submit_job(claimed, resume=True)
+        except Exception:
+            with self.db.session() as s:  # roll the claim back: the sweep stays as it was
+                s.execute(update(Sweep).where(Sweep.id == sweep_id).values(
+                    status=sweep.status, attempt=sweep.attempt, ray_job_id=sweep.ray_job_id,
+                    finished_at=sweep.finished_at, message=sweep.message))
+                s.commit()
+            raise
+        return self._set_status(sweep_id, SweepStatus.PENDING, expect=[SweepStatus.SUBMITTING]) or self.get(sweep_id)
+
+    # --- MLflow views
+    def runs(self, sweep: Sweep) -> SweepRuns:
+        runs = self.mlflow.sweep_runs(sweep.id, sweep.mlflow_experiment_id, sweep.mlflow_parent_run_id)
+        if runs.parent_run_id and not sweep.mlflow_parent_run_id:
+            with self.db.session() as s:
+                s.execute(update(Sweep).where(Sweep.id == sweep.id).values(
+                    mlflow_experiment_id=runs.experiment_id, mlflow_parent_run_id=runs.parent_run_id))
+                s.commit()
+        return runs
+
+    @staticmethod
+    def progress(total: int | None, trials: list[TrialRecord]) -> dict:
+        counts = dict.fromkeys(("finished", "running", "pending", "stopped_early", "failed", "killed"), 0)
+        for trial in trials:
+            counts[PROGRESS_BUCKETS.get(trial.status, "running")] += 1
+        counts["pending"] = max(0, total - len(trials)) if total else 0
+        counts["total"] = total if total else len(trials)
+        return counts
+
+    @staticmethod
+    def best_trial(spec_data: dict, trials: list[TrialRecord]) -> TrialRecord | None:
+        metric, mode = objective(spec_data)
+        scored = [t for t in trials if metric in t.metrics]
+        if not scored:
+            return None
+        pick = max if mode == "max" else min
+        return pick(scored, key=lambda t: t.metrics[metric])
+
+
+def spec_data(sweep: Sweep) -> dict:
+    return json.loads(sweep.spec_json)
+
+
+def as_utc(value: datetime | None) -> datetime | None:
+    if value is None:
+        return None
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
