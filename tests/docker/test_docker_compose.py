@@ -143,3 +143,80 @@ def test_api_health_check_hits_a_route_the_api_serves():
     probe = " ".join(compose()["services"]["api"]["healthcheck"]["test"])
     path = re.search(r"http://127\.0\.0\.1:8000(/[\w/-]*)", probe).group(1)
     assert path in {route.path for route in health.router.routes}
+
+
+def _help_flags(*command: str) -> set[str]:
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return set(re.findall(r"(--[a-z][a-z0-9-]*)", proc.stdout))
+
+
+def test_container_commands_use_flags_the_installed_tools_accept():
+    """`ray start` (compose, and KubeRay's rayStartParams) and `mlflow server` know every flag we pass,
+    at the versions the images pin."""
+    from docker_manifests import find_kind
+
+    services = compose()["services"]
+    ray_flags = _help_flags(tool("ray"), "start", "--help")
+    mlflow_flags = _help_flags(tool("mlflow"), "server", "--help")
+    used = {
+        "ray": [a.split("=")[0] for s in ("ray-head", "ray-worker") for a in services[s]["command"] if a.startswith("--")],
+        "mlflow": [a.split("=")[0] for a in services["mlflow"]["command"] if a.startswith("--")],
+    }
+    spec = find_kind("RayCluster")["spec"]
+    for group in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]:
+        used["ray"] += [f"--{key}" for key in group["rayStartParams"]]
+    mlflow_k8s = find_kind("Deployment", "convtune-mlflow")["spec"]["template"]["spec"]["containers"][0]["command"]
+    used["mlflow"] += [a.split("=")[0] for a in mlflow_k8s if a.startswith("--")]
+    assert set(used["ray"]) - ray_flags == set()
+    assert set(used["mlflow"]) - mlflow_flags == set()
+
+
+def test_mlflow_server_with_the_compose_flags_accepts_in_stack_host_names(tmp_path):
+    """Run the compose stack's `mlflow server` command (SQLite and a temp folder standing in for
+    PostgreSQL and the volume): requests addressed to `mlflow:5000`, as the API and the trials send
+    them, pass MLflow's host-header check, and foreign host names do not."""
+    import socket
+    import time
+    import urllib.error
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    overrides = {"--backend-store-uri": f"sqlite:///{tmp_path}/mlflow.db", "--artifacts-destination": str(tmp_path / "art"),
+                 "--host": "127.0.0.1", "--port": str(port), "--workers": "1"}
+    command = [tool("mlflow")] + [
+        f"{a.split('=')[0]}={overrides[a.split('=')[0]]}" if a.split("=")[0] in overrides else a
+        for a in compose()["services"]["mlflow"]["command"][1:]]
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=tmp_path)
+
+    def get(path: str, host: str) -> int:
+        request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", headers={"Host": host})
+        try:
+            with urllib.request.urlopen(request, timeout=5) as response:
+                return response.status
+        except urllib.error.HTTPError as err:
+            return err.code
+
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+            try:
+                if get("/health", "localhost") == 200:
+                    break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "mlflow server did not answer /health in 90 s"
+            time.sleep(0.5)
+        search = "/api/2.0/mlflow/experiments/search?max_results=1"
+        assert get(search, "mlflow:5000") == 200
+        assert get(search, "attacker.example.com") in (400, 403)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
