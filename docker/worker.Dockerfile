@@ -59,8 +59,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     NVIDIA_VISIBLE_DEVICES=all \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility \
-    RAY_USAGE_STATS_ENABLED=0 \
-    CONVTUNE_STORAGE_PATH=/data/ray_results
+    RAY_USAGE_STATS_ENABLED=0
 # numeric, so Kubernetes can enforce runAsNonRoot
 USER 1000:1000
 WORKDIR /home/convtune
