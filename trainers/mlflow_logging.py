@@ -93,8 +93,10 @@ class RunLogger:
             tags = {k: str(v) for k, v in (settings.get("tags") or {}).items()}
             run = self.client.create_run(exp_id, run_name=settings.get("run_name"), tags=tags)
             self.run_id = run.info.run_id
+            self.experiment_id = exp_id
         else:
             self.run_id = settings["run_id"]
+            self.experiment_id = self.client.get_run(self.run_id).info.experiment_id
 
     def log_params(self, params: dict[str, Any]) -> None:
         """Log the resolved config; keys the run already holds (a sweep may log them) are skipped."""

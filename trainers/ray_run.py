@@ -1,0 +1,258 @@
+"""Running the finetune on Ray Train (V2): `build_torch_trainer` for sweeps and `run_finetune` for
+`convtune train`.
+
+A sweep's Tune function trainable calls `build_torch_trainer(..., callbacks=[TuneReportCallback()])`
+and `.fit()`; the Train run name must be deterministic so a retried trial resumes from its checkpoint.
+`run_finetune` also starts a local Ray (dashboard on: Train's placement-group cleaner needs the State
+API) when none is running, creates the MLflow run driver-side (so a crash still marks it FAILED), and
+streams progress from the workers through a small Ray queue.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from trainers.config import FinetuneConfig
+
+SCORE_ATTR = "val_top1"
+WORKER_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+
+
+def default_storage_path() -> str:
+    return str(Path(os.environ.get("CONVTUNE_STORAGE_PATH") or Path.home() / ".convtune" / "runs").resolve())
+
+
+def train_loop_config(cfg: FinetuneConfig | dict[str, Any], *, cpus_per_worker: int,
+                      mlflow: dict[str, Any] | None = None, **extra: Any) -> dict[str, Any]:
+    """The `train_loop_config` of a finetune: the validated config plus run settings."""
+    if isinstance(cfg, dict):
+        cfg = FinetuneConfig.from_dict(cfg)
+    out: dict[str, Any] = {"finetune": cfg.to_dict(), "cpus_per_worker": cpus_per_worker, **extra}
+    if mlflow:
+        from trainers.mlflow_logging import absolute_tracking_uri
+
+        out["mlflow"] = {**mlflow, "tracking_uri": absolute_tracking_uri(mlflow.get("tracking_uri"))}
+    return out
+
+
+def build_torch_trainer(
+    config: dict[str, Any] | FinetuneConfig,
+    *,
+    name: str,
+    storage_path: str,
+    num_workers: int = 1,
+    use_gpu: bool = False,
+    cpus_per_worker: int = 1,
+    gpus_per_worker: float | None = None,
+    callbacks: Sequence[Any] = (),
+    max_failures: int = 0,
+    controller_failure_limit: int = 3,
+    num_to_keep: int = 2,
+):
+    """A Train V2 `TorchTrainer` running `train_loop_per_worker` (gloo on CPU, NCCL on GPU).
+
+    `config` is a `FinetuneConfig`, its dict, or a full train-loop config (`{"finetune": ..., "mlflow": ...}`,
+    see `train_loop_config`). `controller_failure_limit` bounds retries of controller errors such as a worker
+    group that cannot start (Ray's default retries forever). The best `num_to_keep` checkpoints by
+    `val_top1` are kept under `storage_path/name`; reusing (storage_path, name) resumes the run.
+    """
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from trainers.loop import train_loop_per_worker
+
+    if isinstance(config, FinetuneConfig) or "finetune" not in config:
+        config = train_loop_config(config, cpus_per_worker=cpus_per_worker)
+    else:
+        FinetuneConfig.model_validate(config["finetune"])  # fail here, not on every worker
+        config = {**config, "cpus_per_worker": cpus_per_worker}
+    resources = {"CPU": cpus_per_worker}
+    if use_gpu:
+        resources["GPU"] = gpus_per_worker or 1
+    threads = str(cpus_per_worker)
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=config,
+        scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
+                                               resources_per_worker=resources),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=storage_path,
+            callbacks=list(callbacks),
+            failure_config=ray.train.FailureConfig(max_failures=max_failures,
+                                                   controller_failure_limit=controller_failure_limit),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=num_to_keep,
+                                                         checkpoint_score_attribute=SCORE_ATTR,
+                                                         checkpoint_score_order="max"),
+            worker_runtime_env={"env_vars": {**WORKER_ENV, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}},
+        ),
+    )
+
+
+def _progress_callback_class():
+    import ray.train
+
+    class ProgressCallback(ray.train.UserCallback):
+        """Runs in the Train controller: forwards every epoch report (rank 0's metrics) to a queue."""
+
+        def __init__(self, queue):
+            self.queue = queue
+
+        def after_report(self, run_context, metrics, checkpoint):
+            item = {"kind": "epoch", **metrics[0], "checkpoint_path": checkpoint.path if checkpoint else None}
+            with contextlib.suppress(Exception):  # progress must never fail the run
+                self.queue.put(item, timeout=10)
+
+    return ProgressCallback
+
+
+@dataclass
+class FinetuneResult:
+    name: str
+    storage_path: str
+    history: list[dict[str, Any]] = field(default_factory=list)  # one dict per epoch (rank 0's metrics)
+    best_val_top1: float | None = None
+    best_epoch: int | None = None
+    best_checkpoint: str | None = None
+    mlflow_run_id: str | None = None
+    mlflow_tracking_uri: str | None = None
+    mlflow_experiment_id: str | None = None
+    dashboard_url: str | None = None
+    error: str | None = None
+    seconds: float = 0.0
+
+    @property
+    def run_dir(self) -> str:
+        return str(Path(self.storage_path) / self.name)
+
+
+def ensure_ray(address: str | None = None, *, num_cpus: int | None = None) -> tuple[bool, str | None]:
+    """Attach to `address`, or start a local Ray with the dashboard. Returns (started here, dashboard URL)."""
+    import ray
+
+    if ray.is_initialized():
+        return False, None
+    env_vars = {**WORKER_ENV}
+    if address:
+        ctx = ray.init(address=address, log_to_driver=False, runtime_env={"env_vars": env_vars})
+    else:
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private local cluster: no token needed
+        ctx = ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1", num_cpus=num_cpus,
+                       log_to_driver=False, runtime_env={"env_vars": env_vars})
+    url = getattr(ctx, "dashboard_url", None)
+    return address is None, (f"http://{url}" if url and "://" not in url else url)
+
+
+def default_cpus_per_worker(num_workers: int, use_gpu: bool) -> int:
+    import ray
+
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    per_worker = max(cpus // max(num_workers, 1), 1)
+    return min(per_worker, 8) if use_gpu else per_worker
+
+
+def run_finetune(
+    cfg: FinetuneConfig,
+    *,
+    num_workers: int = 1,
+    gpus_per_worker: float = 0.0,
+    cpus_per_worker: int | None = None,
+    ray_address: str | None = None,
+    storage_path: str | None = None,
+    name: str | None = None,
+    mlflow: dict[str, Any] | None = None,
+    max_failures: int = 0,
+    on_progress: Callable[[dict[str, Any]], None] | None = None,
+) -> FinetuneResult:
+    """One finetune on Ray Train, blocking until it ends. `mlflow=None` disables MLflow logging.
+
+    `on_progress` receives `{"kind": "step", ...}` (rank 0, about once a second) and `{"kind": "epoch",
+    **metrics}` events. Reusing `name` and `storage_path` resumes an interrupted run.
+    """
+    import ray
+    from ray.util.queue import Queue
+
+    if cfg.dataset == "imagefolder":
+        from trainers.data import check_imagefolder
+
+        check_imagefolder(cfg.data_root, cfg.num_classes)  # fail before any worker starts
+    storage_path = str(Path(storage_path or default_storage_path()).expanduser().resolve())
+    name = name or f"finetune-{cfg.model}-{datetime.now():%Y%m%d-%H%M%S}"
+    started_ray, dashboard = ensure_ray(ray_address)
+    use_gpu = gpus_per_worker > 0
+    cpus_per_worker = cpus_per_worker or default_cpus_per_worker(num_workers, use_gpu)
+
+    run_logger = None
+    if mlflow is not None:
+        from trainers.mlflow_logging import RunLogger
+
+        run_logger = RunLogger({**mlflow, "run_name": mlflow.get("run_name") or name,
+                                "tags": {"convtune.kind": "train", "convtune.train_name": name,
+                                         **(mlflow.get("tags") or {})}})
+        mlflow = {**mlflow, "tracking_uri": run_logger.tracking_uri, "run_id": run_logger.run_id}
+
+    queue = Queue(maxsize=256, actor_options={"num_cpus": 0})
+    result = FinetuneResult(name=name, storage_path=storage_path, dashboard_url=dashboard,
+                            mlflow_run_id=run_logger.run_id if run_logger else None,
+                            mlflow_tracking_uri=run_logger.tracking_uri if run_logger else None,
+                            mlflow_experiment_id=run_logger.experiment_id if run_logger else None)
+    trainer = build_torch_trainer(
+        train_loop_config(cfg, cpus_per_worker=cpus_per_worker, mlflow=mlflow, progress_queue=queue),
+        name=name, storage_path=storage_path, num_workers=num_workers, use_gpu=use_gpu,
+        cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker or None,
+        callbacks=[_progress_callback_class()(queue)], max_failures=max_failures)
+
+    outcome: dict[str, Any] = {}
+
+    def fit() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+            outcome["error"] = exc
+
+    start = time.monotonic()
+    thread = threading.Thread(target=fit, name="convtune-fit", daemon=True)
+    thread.start()
+    try:
+        while thread.is_alive() or not queue.empty():
+            try:
+                item = queue.get(timeout=0.5)
+            except Exception:  # noqa: BLE001 - queue.Empty
+                continue
+            if item.get("kind") == "epoch":
+                result.history.append({k: v for k, v in item.items() if k != "kind"})
+            if on_progress:
+                on_progress(item)
+        thread.join()
+    finally:
+        result.seconds = time.monotonic() - start
+        error = outcome.get("error")
+        if run_logger is not None:
+            run_logger.owns_run = True
+            run_logger.finish("FAILED" if error or not outcome else "FINISHED")
+        with contextlib.suppress(Exception):
+            ray.kill(queue.actor)
+        if started_ray:
+            ray.shutdown()
+
+    if "error" in outcome:
+        result.error = f"{type(outcome['error']).__name__}: {outcome['error']}"
+        raise outcome["error"]
+    train_result = outcome["result"]
+    if result.history:
+        best = max(result.history, key=lambda m: m.get(SCORE_ATTR, float("-inf")))
+        result.best_val_top1, result.best_epoch = best.get(SCORE_ATTR), best.get("epoch")
+        result.best_checkpoint = best.get("checkpoint_path")
+    best_ckpt = train_result.get_best_checkpoint(SCORE_ATTR, "max") if train_result.best_checkpoints else None
+    if best_ckpt is not None:
+        result.best_checkpoint = best_ckpt.path
+    return result
+
