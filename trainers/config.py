@@ -9,6 +9,7 @@ are checked against timm only where timm is installed (the workers always have i
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import math
 from pathlib import Path
@@ -145,8 +146,17 @@ class FinetuneConfig(BaseModel):
     def _known_auto_augment(cls, value: str | None) -> str | None:
         if value in (None, "", "none"):
             return None
-        if not value.startswith(("rand", "augmix", "v0", "original", "3a", "trivial")):
-            raise ValueError(f"not a timm auto-augment string: {value!r} (e.g. 'rand-m9-mstd0.5-inc1', 'augmix-m5')")
+        try:
+            from timm.data import auto_augment as taa
+        except ImportError:
+            return value
+        parse = (taa.rand_augment_transform if value.startswith("rand") else
+                 taa.augment_and_mix_transform if value.startswith("augmix") else taa.auto_augment_transform)
+        try:
+            parse(value, {"translate_const": 100, "img_mean": (124, 116, 104)})
+        except Exception as exc:  # noqa: BLE001 - timm raises AssertionError/KeyError on bad strings
+            raise ValueError(f"not a timm auto-augment string: {value!r} ({type(exc).__name__} {exc}); e.g. "
+                             "'rand-m9-mstd0.5-inc1', 'augmix-m5-w4-d2', 'v0'") from None
         return value
 
     @field_validator("milestones")
@@ -273,6 +283,9 @@ def parse_override(text: str) -> tuple[str, Any]:
         raise ValueError(f"--set expects field=value, got {text!r}")
     key, raw = text.split("=", 1)
     value = yaml.safe_load(raw) if raw.strip() else None
+    if isinstance(value, str):  # YAML 1.1 reads 1e-3 as a string
+        with contextlib.suppress(ValueError):
+            value = float(value)
     if isinstance(value, float) and math.isnan(value):
         raise ValueError(f"{key}: NaN is not a valid value")
     return key.strip(), value
