@@ -7,10 +7,11 @@ import os
 import time
 from dataclasses import dataclass, field
 
+# the tags search_spaces.tracking puts on a sweep's runs
 SWEEP_TAG = "convtune.sweep_id"
 TRIAL_TAG = "convtune.trial_id"
-TRIAL_STATUS_TAG = "convtune.trial_status"  # the driver's own verdict, e.g. STOPPED_EARLY
-PARENT_TAG = "mlflow.parentRunId"
+KIND_TAG = "convtune.kind"  # "sweep" on the parent run, "trial" on each child
+OUTCOME_TAG = "convtune.outcome"  # completed | early_stopped | failed, set when Tune ends the trial
 
 # MLflow's client retries for minutes by default; an API request should fail fast instead
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
@@ -41,9 +42,13 @@ class SweepRuns:
 
 
 def trial_status(run) -> str:
-    """A trial's status: the driver's tag when it set one (stopped early), else MLflow's run status."""
-    tagged = run.data.tags.get(TRIAL_STATUS_TAG)
-    return tagged.upper() if tagged else run.info.status
+    """PENDING (run made, trial not started), RUNNING, FINISHED, STOPPED_EARLY, FAILED or KILLED."""
+    status = run.info.status
+    if status == "SCHEDULED":
+        return "PENDING"
+    if status == "FINISHED" and run.data.tags.get(OUTCOME_TAG) == "early_stopped":
+        return "STOPPED_EARLY"
+    return status
 
 
 class MlflowReader:
@@ -80,23 +85,19 @@ class MlflowReader:
         else:
             self._guard(self._client().search_experiments, max_results=1)
 
-    def find_parent(self, sweep_id: str, experiment_id: str | None = None):
+    def find_parent(self, sweep_id: str, experiment_name: str | None = None, experiment_id: str | None = None):
         client = self._client()
-        if experiment_id:
-            experiment_ids = [experiment_id]
-        else:
-            experiments = self._guard(client.search_experiments, max_results=1000)
-            experiment_ids = [e.experiment_id for e in experiments]
-        if not experiment_ids:
+        if not experiment_id and experiment_name:
+            experiment = self._guard(client.get_experiment_by_name, experiment_name)
+            experiment_id = experiment.experiment_id if experiment else None
+        if not experiment_id:
             return None
-        runs = self._guard(client.search_runs, experiment_ids,
-                           filter_string=f"tags.`{SWEEP_TAG}` = '{sweep_id}' and tags.`{PARENT_TAG}` IS NULL",
-                           max_results=5, order_by=["attributes.start_time ASC"])
-        if not runs:  # drivers that tag the children too: the parent is the run without a parent
-            return None
-        return runs[0]
+        runs = self._guard(client.search_runs, [experiment_id],
+                           filter_string=f"tags.`{SWEEP_TAG}` = '{sweep_id}' and tags.`{KIND_TAG}` = 'sweep'",
+                           max_results=1)
+        return runs[0] if runs else None
 
-    def sweep_runs(self, sweep_id: str, experiment_id: str | None = None,
+    def sweep_runs(self, sweep_id: str, experiment_name: str | None = None, experiment_id: str | None = None,
                    parent_run_id: str | None = None, use_cache: bool = True) -> SweepRuns:
         now = time.monotonic()
         cached = self._cache.get(sweep_id)
@@ -106,7 +107,7 @@ class MlflowReader:
         if parent_run_id:
             parent = self._guard(client.get_run, parent_run_id)
         else:
-            parent = self.find_parent(sweep_id, experiment_id)
+            parent = self.find_parent(sweep_id, experiment_name, experiment_id)
         result = SweepRuns()
         if parent is not None:
             result.experiment_id = parent.info.experiment_id
@@ -116,7 +117,7 @@ class MlflowReader:
             token = None
             while True:
                 page = self._guard(client.search_runs, [result.experiment_id],
-                                   filter_string=f"tags.`{PARENT_TAG}` = '{result.parent_run_id}'",
+                                   filter_string=f"tags.`{SWEEP_TAG}` = '{sweep_id}' and tags.`{KIND_TAG}` = 'trial'",
                                    max_results=1000, page_token=token,
                                    order_by=["attributes.start_time ASC"])
                 children.extend(page)
@@ -125,7 +126,7 @@ class MlflowReader:
                     break
             result.trials = [
                 TrialRecord(
-                    trial_id=run.data.tags.get(TRIAL_TAG) or run.data.tags.get("trial_name") or run.info.run_name,
+                    trial_id=run.data.tags.get(TRIAL_TAG) or run.info.run_name,
                     run_id=run.info.run_id, status=trial_status(run), params=dict(run.data.params),
                     metrics=dict(run.data.metrics), start_time=run.info.start_time, end_time=run.info.end_time)
                 for run in children
@@ -142,7 +143,7 @@ class MlflowReader:
         client = self._client()
         ended = 0
         for trial in runs.trials:
-            if trial.status == "RUNNING":
+            if trial.status in ("RUNNING", "PENDING"):
                 self._guard(client.set_terminated, trial.run_id, status)
                 ended += 1
         if runs.parent_run_id and runs.parent_status == "RUNNING":

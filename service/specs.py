@@ -144,3 +144,16 @@ def _raise_path_errors(data: dict, roots: list[Path]) -> None:
               for where, raw in _walk_paths(data) if (reason := check_path(raw, roots))]
     if errors:
         raise SpecError(errors)
+
+
+def check_fits(checked: CheckedSpec, resources: tuple[dict, list] | None) -> None:
+    """422 now rather than a job that waits forever: one trial must fit the live cluster."""
+    if resources is None:
+        return
+    from search_spaces import spec as sweep_spec
+
+    try:
+        sweep_spec.check_resources(checked.spec, sweep_spec.cluster_capacity(*resources))
+    except sweep_spec.SpecError as exc:
+        raise SpecError([FieldError(e["field"], e["message"], "resources") for e in exc.errors],
+                        "the cluster cannot run this sweep") from exc

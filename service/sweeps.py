@@ -21,7 +21,7 @@ from service.jobs import JobControl, JobNotFound, RayUnavailable, attempt_job_id
 from service.mlflow_reader import MlflowReader, MlflowUnavailable, SweepRuns, TrialRecord
 from service.models import ACTIVE, Sweep, SweepStatus, utcnow
 from service.settings import Settings
-from service.specs import CheckedSpec
+from service.specs import CheckedSpec, check_fits
 
 log = logging.getLogger("convtune.service")
 
@@ -37,7 +37,7 @@ SUBMIT_GRACE = timedelta(seconds=30)
 # trial statuses as the progress counts them
 PROGRESS_BUCKETS = {
     "FINISHED": "finished", "RUNNING": "running", "STOPPED_EARLY": "stopped_early",
-    "FAILED": "failed", "KILLED": "killed", "TERMINATED": "finished",
+    "FAILED": "failed", "KILLED": "killed", "PENDING": "pending",
 }
 
 
@@ -112,6 +112,7 @@ class SweepService:
             if existing is not None:
                 return SubmitResult(self._same_spec(existing, checked), created=False)
         self.require_backends()  # nothing is written unless Ray and MLflow answer
+        check_fits(checked, self.jobs.cluster_resources())
         sweep_id = new_sweep_id()
         name = str(spec_attr(checked.data, "name", default=sweep_id))[:200]
         row = Sweep(id=sweep_id, name=name, status=SweepStatus.SUBMITTING, spec_json=checked.canonical_json,
@@ -203,8 +204,8 @@ class SweepService:
     def _finalize(self, sweep: Sweep) -> Sweep:
         """Terminal now: end any run still RUNNING, then stamp finished_at (retried until MLflow answers)."""
         try:
-            runs = self.mlflow.sweep_runs(sweep.id, sweep.mlflow_experiment_id, sweep.mlflow_parent_run_id,
-                                          use_cache=False)
+            runs = self.mlflow.sweep_runs(sweep.id, experiment_name(sweep), sweep.mlflow_experiment_id,
+                                          sweep.mlflow_parent_run_id, use_cache=False)
             ended = self.mlflow.finalize(sweep.id, runs, "FAILED" if sweep.status == SweepStatus.FAILED else "KILLED")
         except (MlflowUnavailable, LookupError) as exc:
             log.warning("sweep %s: cannot finalize MLflow runs yet: %s", sweep.id, exc)
@@ -272,7 +273,8 @@ class SweepService:
 
     # --- MLflow views
     def runs(self, sweep: Sweep) -> SweepRuns:
-        runs = self.mlflow.sweep_runs(sweep.id, sweep.mlflow_experiment_id, sweep.mlflow_parent_run_id)
+        runs = self.mlflow.sweep_runs(sweep.id, experiment_name(sweep), sweep.mlflow_experiment_id,
+                                      sweep.mlflow_parent_run_id)
         if runs.parent_run_id and not sweep.mlflow_parent_run_id:
             with self.db.session() as s:
                 s.execute(update(Sweep).where(Sweep.id == sweep.id).values(
@@ -285,7 +287,8 @@ class SweepService:
         counts = dict.fromkeys(("finished", "running", "pending", "stopped_early", "failed", "killed"), 0)
         for trial in trials:
             counts[PROGRESS_BUCKETS.get(trial.status, "running")] += 1
-        counts["pending"] = max(0, total - len(trials)) if total else 0
+        if total:  # trials Tune has not created yet are pending too
+            counts["pending"] += max(0, total - len(trials))
         counts["total"] = total if total else len(trials)
         return counts
 
@@ -297,6 +300,12 @@ class SweepService:
             return None
         pick = max if mode == "max" else min
         return pick(scored, key=lambda t: t.metrics[metric])
+
+
+def experiment_name(sweep: Sweep) -> str:
+    """The MLflow experiment the driver logs the sweep to (SweepSpec.experiment_name)."""
+    data = spec_data(sweep)
+    return data.get("mlflow_experiment") or f"convtune-{data.get('name', sweep.name)}"
 
 
 def spec_data(sweep: Sweep) -> dict:

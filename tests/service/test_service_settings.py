@@ -1,0 +1,46 @@
+"""Settings from the environment: token scopes, data roots, defaults and the loopback rule."""
+
+from __future__ import annotations
+
+import pytest
+
+from service.settings import Settings, parse_api_tokens
+
+
+def test_tokens_parse_with_scopes_and_bare_tokens_get_all():
+    tokens = parse_api_tokens("reader-token-1=read, admin-token-1=read+submit,bare-token-123")
+    assert tokens == {"reader-token-1": {"read"}, "admin-token-1": {"read", "submit"},
+                      "bare-token-123": {"read", "submit"}}
+
+
+@pytest.mark.parametrize("bad, why", [("tok-123456=delete", "unknown scope"), ("short", "at least 8")])
+def test_bad_tokens_are_rejected_with_the_reason(bad, why):
+    with pytest.raises(ValueError, match=why):
+        parse_api_tokens(bad)
+
+
+def test_env_defaults_follow_the_data_dir(monkeypatch, tmp_path):
+    monkeypatch.setenv("CONVTUNE_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("CONVTUNE_DATA_ROOTS", f"{tmp_path}/a,{tmp_path}/b")
+    monkeypatch.setenv("CONVTUNE_API_TOKENS", "secret-token-1=read")
+    s = Settings()
+    assert s.database_url == f"sqlite:///{tmp_path}/convtune.db"
+    assert s.storage_path == str(tmp_path / "ray_results")
+    assert s.data_roots == [tmp_path / "a", tmp_path / "b"]
+    assert s.api_tokens == {"secret-token-1": {"read"}}
+
+
+def test_binding_beyond_loopback_requires_tokens(tmp_path):
+    Settings(data_dir=tmp_path, host="127.0.0.1").check_bind()
+    with pytest.raises(ValueError, match="CONVTUNE_API_TOKENS"):
+        Settings(data_dir=tmp_path, host="0.0.0.0").check_bind()
+    Settings(data_dir=tmp_path, host="0.0.0.0", api_tokens="long-enough-token").check_bind()
+
+
+def test_serve_refuses_an_open_bind(monkeypatch, tmp_path, capsys):
+    from service.cli import main
+
+    monkeypatch.setenv("CONVTUNE_DATA_DIR", str(tmp_path))
+    monkeypatch.delenv("CONVTUNE_API_TOKENS", raising=False)
+    assert main(["serve", "--host", "0.0.0.0"]) == 2
+    assert "CONVTUNE_API_TOKENS" in capsys.readouterr().err
