@@ -1,0 +1,113 @@
+"""Datasets and sharded loaders: digits, synthetic, imagefolder, and every bad-data error."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+
+from trainers.config import FinetuneConfig
+from trainers.data import DataError, build_datasets, build_loaders, check_imagefolder
+
+
+def make_imagefolder(root, classes=("cat", "dog", "fox"), per_class=4, size=40):
+    for split in ("train", "val"):
+        for i, name in enumerate(classes):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for j in range(per_class):
+                color = (40 * i, 20 * j, 200 - 30 * i)
+                Image.new("RGB", (size, size + 8 * j), color).save(folder / f"{j}.png")
+    return root
+
+
+def test_digits_split_is_fixed_stratified_rgb():
+    cfg = FinetuneConfig(input_size=32)
+    train, val = build_datasets(cfg)
+    assert (len(train), len(val)) == (1437, 360)
+    image, label = train[0]
+    assert image.shape == (3, 32, 32) and 0 <= label < 10
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+    raw = image * torch.tensor(IMAGENET_DEFAULT_STD).view(3, 1, 1) + torch.tensor(IMAGENET_DEFAULT_MEAN).view(3, 1, 1)
+    assert torch.allclose(raw[0], raw[1], atol=1e-5) and raw.min() >= -1e-5 and raw.max() <= 1 + 1e-5
+    again, _ = build_datasets(cfg.with_overrides({"seed": 123}))  # the split does not follow the train seed
+    assert torch.equal(again[5][0], train[5][0])
+    assert sorted(set(val.labels.tolist())) == list(range(10))
+
+
+def test_synthetic_dataset_has_requested_shape():
+    train, val = build_datasets(FinetuneConfig(dataset="synthetic", num_classes=7, input_size=48,
+                                               synthetic_samples=100))
+    assert len(train) == 100 and len(val) == 12
+    image, label = train[99]
+    assert image.shape == (3, 48, 48) and 0 <= label < 7
+
+
+def test_loaders_shard_train_and_val_across_workers():
+    cfg = FinetuneConfig(batch_size=16, accum_steps=2)
+    shards = [build_loaders(cfg, rank=r, world_size=2) for r in range(2)]
+    for s in shards:
+        s.train_sampler.set_epoch(3)
+    train_idx = [set(iter(s.train_sampler)) for s in shards]
+    assert not train_idx[0] & train_idx[1]
+    val_idx = [set(s.val.dataset.indices) for s in shards]
+    assert not val_idx[0] & val_idx[1] and len(val_idx[0] | val_idx[1]) == 360
+    # 1437 images / 2 workers -> 718 per worker -> 44 micro-batches -> 22 updates of 2
+    assert shards[0].updates_per_epoch == 22 and shards[0].micro_batches_per_epoch == 44
+    capped = build_loaders(cfg.with_overrides({"steps_per_epoch_limit": 3}))
+    assert capped.updates_per_epoch == 3 and capped.micro_batches_per_epoch == 6
+
+
+def test_batch_larger_than_dataset_is_an_error():
+    with pytest.raises(DataError, match="batch_size"):
+        build_loaders(FinetuneConfig(dataset="synthetic", synthetic_samples=10, batch_size=16))
+
+
+def test_imagefolder_loads_with_timm_transforms(tmp_path):
+    root = make_imagefolder(tmp_path / "data")
+    cfg = FinetuneConfig(dataset="imagefolder", data_root=str(root), num_classes=3, input_size=32)
+    train, val = build_datasets(cfg)
+    assert train.classes == ["cat", "dog", "fox"] and len(train) == 12
+    assert train[0][0].shape == (3, 32, 32) and val[5][0].shape == (3, 32, 32)
+
+
+@pytest.mark.parametrize(("breakage", "message"), [
+    ("no_root", "does not exist"),
+    ("no_val", "missing split folder"),
+    ("empty_class", "has no images"),
+    ("class_mismatch", "different class folders"),
+    ("wrong_count", "num_classes: is 4 but"),
+])
+def test_imagefolder_errors_name_the_path(tmp_path, breakage, message):
+    root = make_imagefolder(tmp_path / "data")
+    num_classes = 3
+    if breakage == "no_root":
+        root = tmp_path / "nowhere"
+    elif breakage == "no_val":
+        for f in (root / "val").rglob("*.png"):
+            f.unlink()
+        for d in sorted((root / "val").rglob("*"), reverse=True):
+            d.rmdir()
+        (root / "val").rmdir()
+    elif breakage == "empty_class":
+        for f in (root / "train" / "dog").iterdir():
+            f.unlink()
+    elif breakage == "class_mismatch":
+        (root / "val" / "fox").rename(root / "val" / "wolf")
+    elif breakage == "wrong_count":
+        num_classes = 4
+    with pytest.raises(DataError, match=message) as info:
+        check_imagefolder(root, num_classes)
+    assert str(root) in str(info.value)
+
+
+def test_corrupt_image_is_fatal_and_named(tmp_path):
+    root = make_imagefolder(tmp_path / "data")
+    bad = root / "train" / "dog" / "1.png"
+    bad.write_bytes(b"not a png at all")
+    cfg = FinetuneConfig(dataset="imagefolder", data_root=str(root), num_classes=3, input_size=32)
+    train, _ = build_datasets(cfg)
+    index = train.samples.index((str(bad), 1))
+    with pytest.raises(DataError, match=f"unreadable image {bad}"):
+        train[index]
