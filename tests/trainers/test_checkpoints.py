@@ -49,9 +49,8 @@ def to_fcmae(cnv2):
             k = k.rsplit(".", 1)[0] + ".ln." + k.rsplit(".", 1)[1]
         elif "pwconv" in k:
             k = k.rsplit(".", 1)[0] + ".linear." + k.rsplit(".", 1)[1]
-        if "grn" in k:
-            v = v.reshape(1, -1)
-        elif k.endswith("bias") and ("dwconv" in k or re.match(r"downsample_layers\.[123]\.1\.", k)):
+        sparse_bias = k.endswith("bias") and ("dwconv" in k or re.match(r"downsample_layers\.[123]\.1\.", k))
+        if "grn" in k or sparse_bias:  # Minkowski keeps these as (1, C)
             v = v.reshape(1, -1)
         out["encoder." + k] = v.clone()
     out.update({"mask_token": torch.zeros(1, 320, 1, 1), "proj.weight": torch.randn(512, 320, 1, 1),
