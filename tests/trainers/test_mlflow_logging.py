@@ -1,0 +1,72 @@
+"""Rank 0's MLflow logging, checked by querying a real MLflow server's store."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from trainers.config import FinetuneConfig
+from trainers.loop import LocalReporter, train_loop_per_worker
+from trainers.mlflow_logging import absolute_tracking_uri
+
+TINY = FinetuneConfig(input_size=32, batch_size=16, steps_per_epoch_limit=2, epochs=2, warmup_epochs=0.5,
+                      layer_decay=0.8, model_ema=True, model_ema_decay=0.9, model_ema_eval=True)
+
+
+def train(mlflow: dict) -> LocalReporter:
+    reporter = LocalReporter()
+    train_loop_per_worker({"finetune": TINY.to_dict(), "cpus_per_worker": 2, "mlflow": mlflow}, reporter=reporter)
+    return reporter
+
+
+def test_own_run_holds_params_metrics_and_artifacts(mlflow_server, tmp_path):
+    client = MlflowClient(mlflow_server.url)
+    train({"tracking_uri": mlflow_server.url, "experiment_name": "test-train-own", "run_name": "own"})
+    exp = client.get_experiment_by_name("test-train-own")
+    (run,) = client.search_runs([exp.experiment_id])
+    assert run.info.status == "FINISHED" and run.info.run_name == "own"
+    params = run.data.params
+    assert params["model"] == "convnextv2_atto" and params["layer_decay"] == "0.8"
+    assert float(params["resolved_lr"]) == pytest.approx(8e-3 * 16 / 256)
+    assert params["updates_per_epoch"] == "2" and params["total_updates"] == "4"
+    history = client.get_metric_history(run.info.run_id, "val_top1")
+    assert [m.step for m in history] == [1, 2]
+    for key in ("train_loss", "val_top5", "val_loss", "lr_min", "lr_max", "images_per_s", "epoch_s",
+                "ema_val_top1", "ema_val_loss"):
+        assert key in run.data.metrics, key
+    assert run.data.metrics["lr_min"] < run.data.metrics["lr_max"]  # layer decay spreads the group LRs
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"param_groups.txt", "param_groups.json", "lr_schedule.png", "best_checkpoint"} <= artifacts
+    table = Path(client.download_artifacts(run.info.run_id, "param_groups.txt", str(tmp_path))).read_text()
+    assert "layer_0_" in table or "layer_1_" in table
+    png = Path(client.download_artifacts(run.info.run_id, "lr_schedule.png", str(tmp_path))).read_bytes()
+    assert png.startswith(b"\x89PNG")
+    best = client.download_artifacts(run.info.run_id, "best_checkpoint/model.pt", str(tmp_path))
+    weights = torch.load(best, map_location="cpu", weights_only=True)
+    assert "head.fc.weight" in weights["model"] and weights["model_ema"] is not None
+
+
+def test_given_run_is_logged_into_and_left_open(mlflow_server):
+    client = MlflowClient(mlflow_server.url)
+    exp_id = client.create_experiment("test-train-given")
+    run = client.create_run(exp_id, run_name="trial-0")
+    client.log_param(run.info.run_id, "layer_decay", "0.8")  # a sweep may have logged its parameters already
+    train({"tracking_uri": mlflow_server.url, "run_id": run.info.run_id})
+    after = client.get_run(run.info.run_id)
+    assert after.info.status == "RUNNING"  # the sweep owns the run's end
+    assert after.data.metrics["epoch"] == 2 and "val_top1" in after.data.metrics
+    assert after.data.params["optimizer"] == "adamw"
+    assert len(client.search_runs([exp_id])) == 1
+
+
+def test_tracking_uris_become_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert absolute_tracking_uri("sqlite:///mlflow.db") == f"sqlite:///{tmp_path}/mlflow.db"
+    assert absolute_tracking_uri(None) == f"sqlite:///{tmp_path}/mlflow.db"
+    assert absolute_tracking_uri("sqlite:////abs/x.db") == "sqlite:////abs/x.db"
+    assert absolute_tracking_uri("mlruns") == (tmp_path / "mlruns").as_uri()
+    assert absolute_tracking_uri("http://mlflow:5000") == "http://mlflow:5000"
