@@ -61,7 +61,7 @@ def run_train(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from trainers.config import format_validation_error
-    from trainers.data import DataError
+    from trainers.data import DataError, check_imagefolder
 
     try:
         cfg = load_config(args.config, args.overrides)
@@ -74,6 +74,13 @@ def run_train(args: argparse.Namespace) -> int:
     if args.workers < 1:
         print("convtune train: --workers must be >= 1", file=sys.stderr)
         return 2
+
+    if cfg.dataset == "imagefolder":
+        try:
+            check_imagefolder(cfg.data_root, cfg.num_classes)  # before any cluster starts
+        except DataError as exc:
+            print(f"convtune train: {exc}", file=sys.stderr)
+            return 2
 
     import ray
 
@@ -139,7 +146,7 @@ class ProgressBar:
             self.bar.write(f"epoch {epoch:>3}/{self.epochs}  train_loss {item['train_loss']:.4f}  "
                            f"val_top1 {item['val_top1']:.2f}  val_top5 {item['val_top5']:.2f}  "
                            f"val_loss {item['val_loss']:.4f}{ema}  lr {item['lr_max']:.2e}  "
-                           f"{item['images_per_s']:.0f} img/s  {item['epoch_s']:.1f} s")
+                           f"{item['images_per_s']:.0f} img/s  {item['epoch_s']:.1f} s", file=sys.stderr)
 
     def close(self) -> None:
         self.bar.close()

@@ -1,0 +1,68 @@
+"""The finetune on a real Ray cluster: 2 DDP workers through build_torch_trainer, and `convtune train`."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from trainers.checkpoints import TRAIN_STATE_FILE
+from trainers.config import FinetuneConfig
+from trainers.ray_run import build_torch_trainer, train_loop_config
+
+pytestmark = pytest.mark.ray
+TINY = {"input_size": 32, "batch_size": 16, "steps_per_epoch_limit": 2, "epochs": 2, "warmup_epochs": 0.5}
+
+
+def test_two_cpu_workers_train_report_and_checkpoint(ray_connected, mlflow_server, tmp_path):
+    cfg = FinetuneConfig(**TINY)
+    config = train_loop_config(cfg, cpus_per_worker=1,
+                               mlflow={"tracking_uri": mlflow_server.url, "experiment_name": "test-ray-2w"})
+    trainer = build_torch_trainer(config, name="two-workers", storage_path=str(tmp_path), num_workers=2,
+                                  cpus_per_worker=1, controller_failure_limit=0)
+    result = trainer.fit()
+    assert result.error is None
+    assert result.metrics["epoch"] == 2 and 0 <= result.metrics["val_top1"] <= 100
+    frame = result.metrics_dataframe
+    assert list(frame["epoch"]) == [1, 2]
+    best = result.get_best_checkpoint("val_top1", "max")
+    with best.as_directory() as d:
+        state = torch.load(Path(d) / TRAIN_STATE_FILE, map_location="cpu", weights_only=True)
+    assert state["step"] in (2, 4) and state["config"]["model"] == "convnextv2_atto"
+
+    client = MlflowClient(mlflow_server.url)
+    (run,) = client.search_runs([client.get_experiment_by_name("test-ray-2w").experiment_id])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["world_size"] == "2" and run.data.params["effective_batch"] == "32"
+    assert run.data.metrics["val_top1"] == pytest.approx(result.metrics["val_top1"])
+
+
+def test_convtune_train_cli(ray_connected, mlflow_server, tmp_path):
+    cmd = [sys.executable, "-m", "service.cli", "train", "--ray-address", ray_connected.gcs_address,
+           "--cpus-per-worker", "1", "--storage-path", str(tmp_path), "--name", "cli-run",
+           "--mlflow-uri", mlflow_server.url, "--experiment", "test-cli-train"]
+    for key, value in TINY.items():
+        cmd += ["--set", f"{key}={value}"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=ray_connected.env,
+                          cwd=Path(__file__).resolve().parents[2])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "best val_top1" in done.stdout and "epoch   2/2" in done.stderr
+    client = MlflowClient(mlflow_server.url)
+    (run,) = client.search_runs([client.get_experiment_by_name("test-cli-train").experiment_id])
+    assert run.info.status == "FINISHED" and run.info.run_id in done.stdout
+    assert (tmp_path / "cli-run").is_dir()
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--set", "layer_decay=2"], "layer_decay: Input should be less than or equal to 1"),
+    (["--set", "dataset=imagefolder", "--set", "data_root=/nonexistent/data", "--set", "num_classes=3"],
+     "/nonexistent/data does not exist"),
+])
+def test_convtune_train_rejects_bad_settings_before_starting_ray(args, message):
+    done = subprocess.run([sys.executable, "-m", "service.cli", "train", *args], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 2 and message in done.stderr, done.stderr
