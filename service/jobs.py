@@ -101,9 +101,10 @@ class JobControl:
             "PYTHONPATH": os.pathsep.join(p for p in (str(PROJECT_ROOT), os.environ.get("PYTHONPATH", "")) if p),
             "MLFLOW_TRACKING_URI": self.settings.mlflow_tracking_uri,
             "PYTHONUNBUFFERED": "1",
+            # the driver's ray.init adds its own runtime_env (worker env vars, setup hook): merge, don't fail
+            "RAY_OVERRIDE_JOB_RUNTIME_ENV": "1",
         }
-        for name in ("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S",
-                     "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "RAY_USAGE_STATS_ENABLED"):
+        for name in ("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"):
             if name in os.environ:
                 env[name] = os.environ[name]
         # the spec travels as the job's working_dir package, so the API needs no shared disk with Ray
