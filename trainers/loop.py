@@ -63,7 +63,7 @@ class WorkerEnv:
             import ray.train
 
             ctx = ray.train.get_context()
-        except (ImportError, RuntimeError):  # a plain process
+        except (ImportError, RuntimeError, DeprecationWarning):  # a plain process, or a Tune trial process
             device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
             return cls(0, 1, device, False, None)
         import ray.train.torch
