@@ -123,7 +123,7 @@ def main(argv=None) -> int:
     parser.add_argument("--clients", type=int, default=50, help="concurrent clients (default 50)")
     parser.add_argument("--requests", type=int, default=20, help="requests per client per endpoint (default 20)")
     parser.add_argument("--sweeps", type=int, default=1000, help="stored sweeps (default 1000)")
-    parser.add_argument("--new-submits", type=int, default=10, help="real submissions to time (default 10)")
+    parser.add_argument("--new-submits", type=int, default=5, help="real submissions to time (default 5)")
     parser.add_argument("--keep", action="store_true", help="leave the stack running afterwards")
     args = parser.parse_args(argv)
 
