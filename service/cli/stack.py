@@ -109,6 +109,8 @@ def stop_group(pid: int, what: str, grace: float = 30.0) -> None:
         return
     deadline = time.monotonic() + grace
     while time.monotonic() < deadline:
+        with contextlib.suppress(ChildProcessError):  # reap it if this process started it (demo, benchmark)
+            os.waitpid(pid, os.WNOHANG)
         try:
             os.killpg(pid, 0)
         except ProcessLookupError:
