@@ -52,16 +52,23 @@ class Timeline(Callback):
     on_trial_error = on_trial_complete
 
 
-def actor_phases() -> dict[str, list[float]]:
-    """Start/end of the trial, Train controller and Train worker actors (Ray State API)."""
-    from ray.util.state import list_actors
+def actor_phases() -> dict[str, list[tuple[float, float, float]]]:
+    """(requested, started, ready) times of the trial, Train controller and Train worker actors.
 
-    out: dict[str, list[tuple[float, float]]] = {}
-    for actor in list_actors(detail=True, limit=10_000):
-        start, end = actor.get("start_time_ms"), actor.get("end_time_ms")
-        if start:
-            out.setdefault(actor["class_name"], []).append((start / 1000, (end or 0) / 1000))
-    return out
+    From the actor-creation tasks of the Ray State API: requested = task created, started = the actor's
+    process began ``__init__`` (process start happens before), ready = ``__init__`` done.
+    """
+    import ray
+    from ray.util.state import list_tasks
+
+    out: dict[str, list[tuple[float, float, float]]] = {}
+    for task in list_tasks(address=ray.get_runtime_context().gcs_address, detail=True, limit=10_000,
+                           filters=[("type", "=", "ACTOR_CREATION_TASK")], raise_on_missing_output=False):
+        name = (task.get("func_or_class_name") or task.get("name") or "").split(".")[0]
+        created, start, end = task.get("creation_time_ms"), task.get("start_time_ms"), task.get("end_time_ms")
+        if created and start and end:
+            out.setdefault(name, []).append((created / 1000, start / 1000, end / 1000))
+    return {k: sorted(v) for k, v in out.items()}
 
 
 def base_spec(args, *, name: str, search: dict, scheduler: dict, space: dict, num_samples: int,
@@ -71,7 +78,8 @@ def base_spec(args, *, name: str, search: dict, scheduler: dict, space: dict, nu
         "base": {"model": "convnextv2_atto", "dataset": "digits", "input_size": 32, "epochs": args.epochs,
                  "steps_per_epoch_limit": args.steps, "batch_size": 64, "warmup_epochs": 0},
         "space": space, "search": search, "scheduler": scheduler, "num_samples": num_samples,
-        "resources": {"workers_per_trial": 1, "cpus_per_worker": 1, "max_concurrent_trials": concurrency},
+        "resources": {"workers_per_trial": 1, "cpus_per_worker": 1, "max_concurrent_trials": concurrency,
+                      "in_process": not args.train},
         "failures": {"trial_retries": 0, "worker_retries": 0},
     }
 
@@ -107,18 +115,26 @@ def overhead(args, workdir: Path) -> dict:
     first_start = trials[0]["start"] if trials else time.time()
 
     def spans(name):
-        return sorted(s for s, _ in phases.get(name, []) if s >= first_start - 5)
+        return [p for p in phases.get(name, []) if p[0] >= first_start - 5]
 
-    ctrl, workers = spans("TrainController"), spans("RayTrainWorker")
+    ctrl, workers, drivers = spans("TrainController"), spans("RayTrainWorker"), spans("ImplicitFunc")
     breakdown = {}
-    if ctrl and workers and len(ctrl) == len(workers) == len(trials):
-        breakdown = {
-            "tune_start_to_controller_s": statistics.mean(c - t["start"] for c, t in zip(ctrl, trials, strict=True)),
-            "controller_to_worker_s": statistics.mean(w - c for w, c in zip(workers, ctrl, strict=True)),
-            "worker_to_first_result_minus_epoch_s": statistics.mean(
-                t["results"][0]["t"] - t["results"][0]["epoch_s"] - w for w, t in zip(workers, trials, strict=True)
-                if t["results"]),
-        }
+    if len(drivers) == len(trials) and trials:
+        breakdown["trial_process_start_s"] = statistics.mean(d[1] - d[0] for d in drivers)
+    if len(ctrl) == len(workers) == len(trials) and trials:
+        pairs = list(zip(trials, ctrl, workers, strict=True))
+        breakdown.update({
+            "trial_start_to_controller_requested_s": statistics.mean(c[0] - t["start"] for t, c, _ in pairs),
+            "controller_process_start_s": statistics.mean(c[1] - c[0] for _, c, _ in pairs),
+            "controller_to_worker_requested_s": statistics.mean(w[0] - c[2] for _, c, w in pairs),
+            "worker_process_start_s": statistics.mean(w[1] - w[0] for _, _, w in pairs),
+            "worker_ready_to_first_epoch_start_s": statistics.mean(
+                t["results"][0]["t"] - t["results"][0]["epoch_s"] - w[2] for t, _, w in pairs if t["results"]),
+        })
+    elif len(drivers) == len(trials) and trials:  # in-process trials: everything happens in the trial actor
+        breakdown["trial_ready_to_first_epoch_start_s"] = statistics.mean(
+            t["results"][0]["t"] - t["results"][0]["epoch_s"] - d[2] for t, d in zip(trials, drivers, strict=True)
+            if t["results"])
     n = len(trials)
     return {
         "trials": n, "epochs": args.epochs, "steps_per_epoch": args.steps, "wall_s": round(wall, 1),
@@ -171,6 +187,8 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=4, help="steps_per_epoch_limit")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cpus", type=int, default=2)
+    parser.add_argument("--train", action="store_true",
+                        help="run single-worker trials as Ray Train worker groups (resources.in_process: false)")
     parser.add_argument("--label", default="", help="printed with the results (e.g. before/after)")
     args = parser.parse_args()
     with open(LOCK, "w") as lock:

@@ -75,19 +75,26 @@ class TrialContext:
 
 
 def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
-    """The Tune trial: build this trial's FinetuneConfig and run it as a Ray Train job."""
+    """The Tune trial: build this trial's FinetuneConfig and train it (Ray Train, or in this process)."""
     from ray import tune
-    from ray.tune.integration.ray_train import TuneReportCallback
 
     from search_spaces.tune_search import trial_params
-    from trainers.ray_run import build_torch_trainer
 
     spec = SweepSpec.model_validate(ctx.spec)
     trial_id = tune.get_context().get_trial_id()
     finetune = trial_finetune(spec, trial_params(spec, config))
     res = spec.resources
+    loop_config = {"finetune": finetune.model_dump(mode="json"), "mlflow": config.get("mlflow"),
+                   "cpus_per_worker": max(1, int(res.cpus_per_worker))}
+    if not res.uses_train:
+        return _train_in_process(loop_config)
+
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from trainers.ray_run import build_torch_trainer
+
     trainer = build_torch_trainer(
-        {"finetune": finetune.model_dump(mode="json"), "mlflow": config.get("mlflow")},
+        loop_config,
         name=f"{ctx.sweep_id}-{trial_id}",  # deterministic: a retry or resume continues this Train run
         storage_path=ctx.train_storage,
         num_workers=res.workers_per_trial,
@@ -98,6 +105,37 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
         max_failures=spec.failures.worker_retries,
     )
     trainer.fit()
+
+
+def _train_in_process(loop_config: dict[str, Any]) -> None:
+    """A single-worker trial without a Train worker group: the loop runs here and reports to Tune.
+
+    Each epoch's checkpoint is persisted by Tune (``tune.report``); a retried or resumed trial gets
+    it back from ``tune.get_checkpoint()`` and continues from it, as a Train run would.
+    """
+    import contextlib
+
+    from ray import tune
+
+    from trainers.loop import train_loop_per_worker
+
+    def report(metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
+        checkpoint = tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        tune.report(metrics, checkpoint=checkpoint)  # persists the directory before returning
+
+    restored = tune.get_checkpoint()
+    with restored.as_directory() if restored else contextlib.nullcontext() as resume_dir:
+        if resume_dir:
+            loop_config = {**loop_config, "resume_from": resume_dir}
+        train_loop_per_worker(loop_config, reporter=report)
+
+
+def trial_resources(spec: SweepSpec) -> dict[str, float]:
+    """What the Tune trial actor reserves: its worker's share when it trains in-process, else nothing."""
+    res = spec.resources
+    if res.uses_train:
+        return dict(TRIAL_DRIVER_RESOURCES)
+    return {"CPU": res.cpus_per_worker, "GPU": res.gpus_per_worker, "memory": TRIAL_DRIVER_RESOURCES["memory"]}
 
 
 # ---------------------------------------------------------------------------------------------- Ray
@@ -159,13 +197,13 @@ def run_sweep(spec: SweepSpec, *, sweep_id: str, storage_path: str, mlflow_uri: 
         raise SweepNotFoundError(f"no saved sweep {sweep_id!r} under {storage_path}; run it without --resume")
 
     tracking = SweepTracking(mlflow_uri, spec, sweep_id, ray_job_id)
-    tracking.open_parent()
+    tracking.open_parent(resume=restoring)
     trial_runs = TrialRunCallback(tracking, spec.metric, spec.mode, spec.scheduler_max_epochs())
     # result files are the trial history (table, curves) even when auto loggers are disabled
     run_callbacks = [JsonLoggerCallback(), CSVLoggerCallback(), trial_runs, *callbacks]
     ctx = TrialContext(spec.model_dump(mode="json"), sweep_id, _join(storage_path, sweep_id, "_train"))
     fn = trainable or tune.with_parameters(run_trial, ctx=ctx)
-    fn = tune.with_resources(fn, TRIAL_DRIVER_RESOURCES)
+    fn = tune.with_resources(fn, trial_resources(spec) if trainable is None else TRIAL_DRIVER_RESOURCES)
     stopper = TargetStopper(spec.metric, spec.mode, spec.stop_at) if spec.stop_at is not None else None
 
     if restoring:
@@ -187,6 +225,9 @@ def run_sweep(spec: SweepSpec, *, sweep_id: str, storage_path: str, mlflow_uri: 
             ),
             run_config=tune.RunConfig(
                 name=sweep_id, storage_path=storage_path, callbacks=run_callbacks, stop=stopper, verbose=0,
+                # in-process trials checkpoint through Tune (Train runs keep their own best 2)
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=spec.metric,
+                                                        checkpoint_score_order=spec.mode),
                 failure_config=tune.FailureConfig(max_failures=spec.failures.trial_retries),
             ),
         )
@@ -240,7 +281,7 @@ def _finish(spec: SweepSpec, sweep_id: str, experiment_path: str, grid, tracking
     try:
         import pandas as pd
 
-        log_sweep_summary(tracking, spec, pd.DataFrame(trials), curves, best)
+        log_sweep_summary(tracking, spec, pd.DataFrame(trials), curves, best, final=status != "interrupted")
     except Exception:  # noqa: BLE001 - the sweep's own results stand even if the summary upload fails
         log.warning("could not log the sweep summary to MLflow", exc_info=True)
     tracking.finish_parent(mlflow_status)
@@ -277,6 +318,10 @@ def _trial_table(spec: SweepSpec, grid) -> tuple[list[dict[str, Any]], dict[str,
                 if not (isinstance(best_ckpt, str) and os.path.isdir(best_ckpt)):
                     best_ckpt = df["checkpoint_path"].dropna().iloc[-1] if df["checkpoint_path"].notna().any() \
                         else None
+        if best_ckpt is None and result.best_checkpoints:  # in-process trials: checkpoints kept by Tune
+            ckpt, _ = max(result.best_checkpoints, key=lambda cm: cm[1].get(spec.metric, float("-inf"))
+                          * (1 if spec.mode == "max" else -1))
+            best_ckpt = ckpt.path
         if row["status"] == "ERROR":
             outcome = "failed"
         elif row["status"] != "TERMINATED":

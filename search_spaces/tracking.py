@@ -56,12 +56,13 @@ class SweepTracking:
         return self._client
 
     # ------------------------------------------------------------------------------------- parent run
-    def open_parent(self) -> str:
-        """Create the sweep's parent run, or reopen the one an earlier run of this sweep id made."""
+    def open_parent(self, *, resume: bool) -> str:
+        """Create the sweep's parent run, or (``resume``) reopen the one an earlier run of this sweep made."""
         exp = self.client.get_experiment_by_name(self.spec.experiment_name)
         self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(self.spec.experiment_name)
-        found = self.client.search_runs([self.experiment_id], f"tags.`{TAG_SWEEP}` = '{self.sweep_id}' and "
-                                        f"tags.`{TAG_KIND}` = 'sweep'", max_results=1)
+        found = resume and self.client.search_runs(
+            [self.experiment_id], f"tags.`{TAG_SWEEP}` = '{self.sweep_id}' and tags.`{TAG_KIND}` = 'sweep'",
+            order_by=["attributes.start_time DESC"], max_results=1)
         if found:
             self.parent_run_id = found[0].info.run_id
             self.client.update_run(self.parent_run_id, status="RUNNING")
@@ -204,8 +205,12 @@ class TrialRunCallback(Callback):
 # ----------------------------------------------------------------------------------- final summary
 
 def log_sweep_summary(tracking: SweepTracking, spec: SweepSpec, table, curves: Mapping[str, Any],
-                      best: Mapping[str, Any] | None) -> None:
-    """Parent run: best config/metric/checkpoint, the trial table (CSV) and plots."""
+                      best: Mapping[str, Any] | None, *, final: bool = True) -> None:
+    """Parent run: best config/metric/checkpoint, the trial table (CSV) and plots.
+
+    An interrupted sweep (``final=False``) logs the table, plots and best-so-far metric only: MLflow
+    params cannot change, so the best config is logged once, when the sweep finishes.
+    """
     client, run_id = tracking.client, tracking.parent_run_id
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -214,6 +219,10 @@ def log_sweep_summary(tracking: SweepTracking, spec: SweepSpec, table, curves: M
         for path in _plots(spec, table, curves, tmp):
             client.log_artifact(run_id, str(path), "plots")
     if not best:
+        return
+    if not final:
+        client.log_batch(run_id, metrics=[Metric(f"best_{spec.metric}", float(best["metric"]),
+                                                 int(time.time() * 1000), 0)])
         return
     client.log_text(run_id, yaml.safe_dump(best["finetune"], sort_keys=False), "best/finetune_config.yaml")
     now = int(time.time() * 1000)

@@ -87,17 +87,22 @@ def _result_lines(experiment: Path) -> dict[str, list[dict]]:
     return out
 
 
-def test_killed_sweep_resumes_without_repeating_work(ray_connected, mlflow_server, tmp_path):
+@pytest.mark.parametrize("in_process", [True, False], ids=["in-process", "ray-train"])
+def test_killed_sweep_resumes_without_repeating_work(ray_connected, mlflow_server, tmp_path, in_process):
+    """In-process trials resume from Tune's checkpoints, Train trials from their Train run's."""
+    # epochs long enough (~2 s) that the second trial is still training when the signal lands
     spec_data = {
-        "name": "resume-e2e", "base": BASE,
+        "name": "resume-e2e", "base": {**BASE, "epochs": 4, "steps_per_epoch_limit": 8},
         "space": {"blr": {"type": "grid", "values": [2e-3, 4e-3]}},
         "search": {"algorithm": "grid"}, "scheduler": {"type": "fifo"}, "num_samples": 1,
-        "resources": {"workers_per_trial": 1, "cpus_per_worker": 1, "max_concurrent_trials": 1},
+        "resources": {"workers_per_trial": 1, "cpus_per_worker": 1, "max_concurrent_trials": 1,
+                      "in_process": in_process},
     }
     spec_file = tmp_path / "spec.yaml"
     spec_file.write_text(yaml.safe_dump(spec_data))
-    storage, experiment = tmp_path / "state", tmp_path / "state" / "resume1"
-    cmd = [sys.executable, "-m", "search_spaces.driver", "--spec", str(spec_file), "--sweep-id", "resume1",
+    sweep_id = f"resume-{'inproc' if in_process else 'train'}"
+    storage, experiment = tmp_path / "state", tmp_path / "state" / sweep_id
+    cmd = [sys.executable, "-m", "search_spaces.driver", "--spec", str(spec_file), "--sweep-id", sweep_id,
            "--storage-path", str(storage), "--mlflow-uri", mlflow_server.url,
            "--address", ray_connected.gcs_address]
     env = {**ray_connected.env, "TUNE_GLOBAL_CHECKPOINT_S": "1"}
@@ -107,7 +112,7 @@ def test_killed_sweep_resumes_without_repeating_work(ray_connected, mlflow_serve
             # first trial finished, second one has reported (and checkpointed) its first epoch
             def midway():
                 lines = _result_lines(experiment)
-                done = [t for t, rows in lines.items() if rows[-1]["epoch"] == 3]
+                done = [t for t, rows in lines.items() if rows[-1]["epoch"] == 4]
                 going = [t for t, rows in lines.items() if rows[-1]["epoch"] == 1]
                 return (done, going) if len(done) == 1 and len(going) == 1 else None
 
@@ -119,18 +124,21 @@ def test_killed_sweep_resumes_without_repeating_work(ray_connected, mlflow_serve
                 proc.kill()
     before = _result_lines(experiment)
 
-    result = run_sweep(load_spec(spec_file), sweep_id="resume1", storage_path=str(storage),
+    result = run_sweep(load_spec(spec_file), sweep_id=sweep_id, storage_path=str(storage),
                        mlflow_uri=mlflow_server.url, resume=True)
     after = _result_lines(experiment)
     assert result.status == "finished" and result.resumed and len(result.trials) == 2
     assert after[done[0]] == before[done[0]]  # the finished trial was not run again
     resumed_epochs = [r["epoch"] for r in after[going[0]][len(before[going[0]]):]]
-    assert resumed_epochs and resumed_epochs[0] >= 2 and resumed_epochs[-1] == 3  # continued, not restarted
+    assert resumed_epochs and resumed_epochs[0] >= 2 and resumed_epochs[-1] == 4  # continued, not restarted
     client, parent, runs = child_runs(mlflow_server.url, result)
     assert parent.info.status == "FINISHED" and len(runs) == 2
+    parents = client.search_runs([parent.info.experiment_id], f"tags.`convtune.sweep_id` = '{sweep_id}' and "
+                                 "tags.`convtune.kind` = 'sweep'")
+    assert [p.info.run_id for p in parents] == [parent.info.run_id]  # the resumed sweep kept its parent run
     assert {r.info.status for r in runs} == {"FINISHED"}
     finished_run = next(r for r in runs if r.data.tags["convtune.trial_id"] == done[0])
-    assert [m.step for m in client.get_metric_history(finished_run.info.run_id, "val_top1")] == [1, 2, 3]
+    assert [m.step for m in client.get_metric_history(finished_run.info.run_id, "val_top1")] == [1, 2, 3, 4]
 
 
 def test_resume_of_an_unknown_sweep_is_an_error(ray_connected, mlflow_server, tmp_path):
