@@ -4,7 +4,8 @@ The defaults finetune `convnextv2_atto` from random init on scikit-learn's digit
 minutes on 2 CPUs. Sweeps override fields by name (`with_overrides`), so field names are a contract
 (docs/architecture.md). This module imports neither torch nor timm at import time: the service
 validates sweep specs against `FinetuneConfig.model_fields` without them; model and optimizer names
-are checked against timm only where timm is installed (the workers always have it).
+are checked against the static lists of `trainers/names.py` (kept equal to timm's by a test), the
+auto-augment string against timm where timm is installed (always on the workers).
 """
 
 from __future__ import annotations
@@ -108,35 +109,22 @@ class FinetuneConfig(BaseModel):
     @field_validator("model")
     @classmethod
     def _known_model(cls, value: str) -> str:
-        base = value.split(".", 1)[0]
-        if not base.startswith("convnextv2_"):
-            raise ValueError(f"must be a timm convnextv2_* model, got {value!r}")
-        try:
-            import timm
-        except ImportError:  # service-only install: re-checked on the workers
-            return value
-        names = timm.list_models("convnextv2_*")
-        if base not in names:
-            raise ValueError(f"unknown model {base!r}; choose one of {', '.join(names)}")
-        return value
+        from trainers.names import check_model_name
+
+        return check_model_name(value)
 
     @field_validator("optimizer")
     @classmethod
     def _known_optimizer(cls, value: str) -> str:
-        try:
-            from trainers.optim import check_optimizer_name
+        from trainers.names import check_optimizer_name
 
-            return check_optimizer_name(value)
-        except ImportError:  # service-only install: re-checked on the workers
-            return value.lower()
+        return check_optimizer_name(value)
 
     @field_validator("schedule")
     @classmethod
     def _known_schedule(cls, value: str) -> str:
-        try:
-            from trainers.schedules import SCHEDULE_NAMES
-        except ImportError:
-            return value
+        from trainers.schedules import SCHEDULE_NAMES  # torch-free
+
         if value not in SCHEDULE_NAMES:
             raise ValueError(f"unknown schedule {value!r}; choose one of {', '.join(SCHEDULE_NAMES)}")
         return value

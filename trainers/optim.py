@@ -8,13 +8,14 @@ LR; the schedule multiplies it by each group's ``lr_scale`` before every update.
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-WRAPPERS = ("lookahead",)
+from trainers.names import check_optimizer_name
+
+__all__ = ["check_optimizer_name", "create_optimizer", "optimizer_names", "resolve_lr"]
 
 
 def optimizer_names() -> list[str]:
@@ -22,24 +23,6 @@ def optimizer_names() -> list[str]:
     from timm.optim import list_optimizers
 
     return sorted(list_optimizers())
-
-
-def check_optimizer_name(name: str) -> str:
-    """The lower-cased name if timm knows it (with an optional ``lookahead_`` prefix), else a ValueError."""
-    lowered = name.lower()
-    parts = lowered.split("_")
-    base = parts[-1]
-    wrappers = parts[:-1]
-    known = optimizer_names()
-    bad_wrapper = [w for w in wrappers if w not in WRAPPERS]
-    if base not in known or bad_wrapper or len(wrappers) > 1:
-        close = difflib.get_close_matches(base, known, n=3)
-        hint = f" Did you mean {', '.join(close)}?" if close else ""
-        raise ValueError(
-            f"unknown optimizer {name!r}.{hint} Valid names: {', '.join(known)}; "
-            f"any of them may take the prefix 'lookahead_' (e.g. 'lookahead_adamw')."
-        )
-    return lowered
 
 
 def resolve_lr(*, blr: float, batch_size: int, accum_steps: int = 1, world_size: int = 1,
