@@ -23,8 +23,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 GRID_KEY = "grid_point"
 MLFLOW_KEY = "mlflow"
 RESERVED_NAMES = frozenset({GRID_KEY, MLFLOW_KEY})
-#: Per-trial start-up cost beyond training, used by the dry-run estimate (docs/sweeps.md, measured).
-TRIAL_OVERHEAD_S = 15.0
+#: Per-trial cost beyond training (in-process / Ray Train trials), for the dry-run estimate; measured on
+#: 2 CPUs by benchmarks/bench_sweep.py (docs/sweeps.md).
+TRIAL_OVERHEAD_S = {"in_process": 8.0, "train": 16.0}
 #: Seconds per epoch of convnextv2_atto on digits at 32 px, 1 worker on 1-2 CPU threads (measured).
 DIGITS_ATTO_EPOCH_S = 6.0
 
@@ -657,7 +658,8 @@ def dry_run(spec: SweepSpec, cluster_resources: Mapping[str, float] | None = Non
     concurrency = max_concurrent_trials(spec, capacity)
     epoch_s = estimate_seconds_per_epoch(spec)
     epochs = expected_epochs_per_trial(spec)
-    per_trial_h = None if epoch_s is None else (epochs * epoch_s + TRIAL_OVERHEAD_S) / 3600
+    overhead_s = TRIAL_OVERHEAD_S["train" if spec.resources.uses_train else "in_process"]
+    per_trial_h = None if epoch_s is None else (epochs * epoch_s + overhead_s) / 3600
     unit, per_trial_units = ("GPU", spec.resources.gpus_per_trial) if spec.resources.gpus_per_trial else (
         "CPU", spec.resources.cpus_per_trial)
     compute_h = None if per_trial_h is None or trials is None else per_trial_h * trials * per_trial_units

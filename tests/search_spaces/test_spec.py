@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from search_spaces.spec import (
+    TRIAL_OVERHEAD_S,
     SpecError,
     check_resources,
     cluster_capacity,
@@ -228,8 +229,8 @@ def test_dry_run_reports_trials_samples_and_cost():
                          estimate={"seconds_per_epoch": 360}, scheduler={"type": "fifo"}))
     r = dry_run(gpu, {"CPU": 16, "GPU": 4})
     assert r["estimate_unit"] == "GPU-hours"
-    # 8 trials x (4 epochs x 0.1 h + overhead) x 2 GPUs
-    assert r["estimate_hours"] == pytest.approx(8 * 2 * (4 * 0.1 + 15 / 3600), rel=1e-3)
+    # 8 trials x (4 epochs x 0.1 h + a Ray Train trial's overhead) x 2 GPUs
+    assert r["estimate_hours"] == pytest.approx(8 * 2 * (4 * 0.1 + TRIAL_OVERHEAD_S["train"] / 3600), rel=1e-3)
     bad = dry_run(gpu, {"CPU": 16})
     assert bad["problems"][0]["field"] == "resources.gpus_per_worker"
 
