@@ -197,8 +197,9 @@ def main() -> int:
         import ray
 
         workdir = Path(tempfile.mkdtemp(prefix="bench-sweep-"))
+        # the default temp dir: Train's placement-group cleaner finds the cluster through it
         ray.init(address="local", num_cpus=args.cpus, include_dashboard=True, dashboard_host="127.0.0.1",
-                 log_to_driver=False, _temp_dir=str(Path("/tmp") / f"bsray{os.getpid()}"))
+                 log_to_driver=False)
         try:
             results = overhead(args, workdir) if args.mode == "overhead" else efficiency(args, workdir)
         finally:

@@ -271,9 +271,10 @@ def _finish(spec: SweepSpec, sweep_id: str, experiment_path: str, grid, tracking
             t["outcome"] = "unfinished"  # shut down by the interrupt (Tune marks it terminated in memory)
         counts[t["outcome"]] = counts.get(t["outcome"], 0) + 1
     best = _best(spec, trials)
+    # runs of trials that were interrupted, or added but never started (time budget, stop_at)
+    tracking.kill_open_trial_runs()
     if interrupted:
         status, mlflow_status = "interrupted", "KILLED"
-        tracking.kill_open_trial_runs()
     elif trials and all(t["status"] == "ERROR" for t in trials):
         status, mlflow_status = "failed", "FAILED"
     else:

@@ -235,7 +235,12 @@ def build_scheduler(spec: SweepSpec, run_assigner: Callable[[Any], None] | None 
 
 
 class TargetStopper(Stopper):
-    """Stop the whole sweep once any trial reaches ``target`` (``stop_at`` in the spec)."""
+    """Stop the whole sweep once any trial reaches ``target`` (``stop_at`` in the spec).
+
+    Trials are never stopped here at their last epoch: a Train trial that ends on its own frees its
+    placement group itself, while a killed one relies on Train's cleaner (measured: a leak there
+    stalls the next trial's worker group for minutes).
+    """
 
     def __init__(self, metric: str, mode: str, target: float):
         self.metric, self.mode, self.target, self.reached = metric, mode, target, False

@@ -88,3 +88,19 @@ def test_tpe_samples_conditionals_and_warm_starts(ray_connected, mlflow_server, 
     assert result.best["params"]["blr"] == 3e-3  # the warm-start point is the optimum of score_trial
     _, children = runs_of(mlflow_server.url, result)
     assert len(children) == 6 and {c.info.status for c in children} == {"FINISHED"}
+
+
+def test_stop_at_target_ends_the_sweep_and_leaves_no_open_runs(ray_connected, mlflow_server, tmp_path):
+    spec = load_spec({
+        "name": "target-test", "base": BASE,
+        "space": {"blr": {"type": "grid", "values": [3e-3, 1e-3, 3e-4, 1e-4, 3e-5, 1e-5]}},
+        "search": {"algorithm": "grid"}, "scheduler": {"type": "fifo"}, "num_samples": 1,
+        "stop_at": 0.9, "resources": {"max_concurrent_trials": 1},
+    })
+    result = run_sweep(spec, sweep_id="target1", storage_path=str(tmp_path), mlflow_uri=mlflow_server.url,
+                       trainable=score_trial)
+    # the first trial (blr 3e-3) reaches 1.0 at epoch 2: nothing after it is trained
+    assert result.status == "finished" and result.best["params"]["blr"] == 3e-3
+    assert sum(t["epochs"] for t in result.trials) < 6 * 2
+    _, children = runs_of(mlflow_server.url, result)
+    assert children and all(c.info.status in ("FINISHED", "KILLED") for c in children)
