@@ -97,7 +97,13 @@ def ray_cluster():
     try:
         wait_until(lambda: proc.poll() is None and http_ok(f"{dashboard_url}/api/version"), 120,
                    f"the Ray dashboard at {dashboard_url} (log: {temp_dir / 'ray-start.log'})")
-        yield RayCluster(f"127.0.0.1:{gcs_port}", dashboard_url, temp_dir, num_cpus, env)
+        gcs_address = _read_gcs_address(temp_dir) or f"127.0.0.1:{gcs_port}"
+        # Train's placement-group cleaner finds the cluster through the State API, which reads the
+        # default address file before scanning: point it at this cluster, not a stale earlier one.
+        address_file = _default_address_file()
+        address_file.parent.mkdir(parents=True, exist_ok=True)
+        address_file.write_text(gcs_address)
+        yield RayCluster(gcs_address, dashboard_url, temp_dir, num_cpus, env)
     finally:
         try:
             import ray
@@ -111,6 +117,20 @@ def ray_cluster():
         shutil.rmtree(temp_dir, ignore_errors=True)
         fcntl.flock(lock, fcntl.LOCK_UN)
         lock.close()
+
+
+def _default_address_file() -> Path:
+    from ray._private.utils import get_ray_address_file
+
+    return Path(get_ray_address_file(None))
+
+
+def _read_gcs_address(temp_dir: Path) -> str | None:
+    """The address `ray start` recorded in its own temp dir (the node IP it chose, not loopback)."""
+    from ray._private.utils import get_ray_address_file
+
+    path = Path(get_ray_address_file(str(temp_dir)))
+    return path.read_text().strip() if path.is_file() else None
 
 
 def _stop_process_group(proc: subprocess.Popen, grace: float = 20.0) -> None:
@@ -132,7 +152,8 @@ def ray_connected(ray_cluster):
 
     if not ray.is_initialized():
         ray.init(address=ray_cluster.gcs_address, log_to_driver=False,
-                 runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}})
+                 runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+                                           "RAY_ADDRESS": ray_cluster.gcs_address}})
     yield ray_cluster
     ray.shutdown()
 
