@@ -190,10 +190,14 @@ def cancel_all_jobs(ray_url: str) -> None:
     from ray.job_submission import JobSubmissionClient
 
     client = JobSubmissionClient(ray_url)
-    for job in client.list_jobs():
+
+    def submitted():  # jobs of other tests' `ray.init` drivers have no submission id and are not ours to stop
+        return [j for j in client.list_jobs() if j.submission_id]
+
+    for job in submitted():
         if not job.status.is_terminal():
             client.stop_job(job.submission_id)
-    wait_until(lambda: all(j.status.is_terminal() for j in client.list_jobs()), 120, "jobs to stop")
+    wait_until(lambda: all(j.status.is_terminal() for j in submitted()), 120, "jobs to stop")
 
 
 

@@ -87,10 +87,16 @@ def test_cancel_stops_cleanly_and_resume_finishes_without_retraining(
             helpers.wait_until(lambda: not list_placement_groups(address=address, filters=[("state", "=", "CREATED")]),
                                90, "no placement groups left")
             alive: list = []
+            from ray.job_submission import JobSubmissionClient
+
+            # the sweep's Ray jobs (one per attempt); actors of other tests' drivers are not this sweep's
+            sweep_jobs = {j.job_id for j in JobSubmissionClient(address).list_jobs()
+                          if (j.submission_id or "").startswith(sweep_id) and j.job_id}
+            assert sweep_jobs, "the sweep's Ray job is not listed"
 
             def no_trial_actors():
                 alive[:] = [a.class_name for a in list_actors(address=address, filters=[("state", "=", "ALIVE")])
-                            if a.class_name not in CLUSTER_SINGLETONS]
+                            if a.class_name not in CLUSTER_SINGLETONS and a.job_id in sweep_jobs]
                 return not alive
 
             try:
