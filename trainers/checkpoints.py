@@ -27,6 +27,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from trainers.layer_decay import unwrap_model
+
 log = logging.getLogger(__name__)
 
 TRAIN_STATE_FILE = "train_state.pt"
@@ -51,17 +53,6 @@ class LoadReport:
                 f"({', '.join(self.missing[:6])}{'...' if len(self.missing) > 6 else ''}), "
                 f"{len(self.unexpected)} unexpected ({', '.join(self.unexpected[:6])}), "
                 f"{len(self.dropped)} dropped ({', '.join(self.dropped[:6])}{'...' if len(self.dropped) > 6 else ''})")
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The plain model under DDP and torch.compile wrappers."""
-    while True:
-        if hasattr(model, "module") and isinstance(model.module, nn.Module):
-            model = model.module
-        elif hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        else:
-            return model
 
 
 def read_checkpoint_file(path: str | Path) -> dict[str, Any]:

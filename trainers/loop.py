@@ -33,9 +33,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from trainers.checkpoints import load_training_state, save_model_weights, save_training_state, unwrap_model
+from trainers.checkpoints import load_training_state, save_model_weights, save_training_state
 from trainers.config import FinetuneConfig
 from trainers.data import build_loaders
+from trainers.layer_decay import unwrap_model
 from trainers.models import build_model
 from trainers.optim import create_optimizer
 from trainers.param_groups import build_param_groups
