@@ -4,15 +4,26 @@ The run is either given (`{"run_id": ...}`: a sweep created the child run driver
 or created here (`{"experiment_name": ...}`) and ended by `finish`. Metrics go out as one
 `MlflowClient.log_batch` call per epoch. Tracking URIs must be absolute or remote before the workers
 start, because Ray Train workers change directory (`absolute_tracking_uri`).
+
+An MLflow outage does not stop or slow training: after the run is opened, every call goes into a bounded
+buffer that a background thread delivers in order, retrying until the server answers again (`Outbox`).
+`finish` waits for the buffer to drain (up to `CONVTUNE_MLFLOW_FLUSH_TIMEOUT_S`, default 600 s) before
+ending the run, so the metrics of an outage reach MLflow and no run is left RUNNING once it is back.
 """
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import os
+import shutil
 import tempfile
+import threading
 import time
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +31,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_EXPERIMENT = "convtune-train"
 MAX_PARAM_LEN = 6000
+BUFFER_ITEMS = 1000  # pending MLflow calls; beyond it the oldest metrics are dropped (with a warning)
+RETRY_S = (0.5, 10.0)  # first and longest wait between delivery attempts while MLflow is unreachable
 
 
 def absolute_tracking_uri(uri: str | None = None) -> str:
@@ -77,8 +90,120 @@ def plot_lr_schedule(path: Path, schedule, groups: list[dict[str, Any]], title: 
     return path
 
 
+@dataclass
+class _Call:
+    what: str
+    fn: Callable[[], None]
+    key: str | None = None  # a newer call with the same key replaces a pending one (e.g. the best checkpoint)
+
+
+class Outbox:
+    """MLflow calls delivered in order by one background thread, retried while the server is unreachable.
+
+    `put` never blocks. A remote (http) store is probed at `/health` before each delivery, so an outage
+    costs one quick probe per retry instead of MLflow's own long HTTP back-off. A call the server rejects
+    (HTTP 4xx) is dropped with an error; every other failure is retried, waiting `RETRY_S[0]` doubling to
+    `RETRY_S[1]`. With more than `max_items` pending, the oldest droppable call is dropped with a warning.
+    """
+
+    def __init__(self, tracking_uri: str, *, max_items: int = BUFFER_ITEMS, retry_s: tuple[float, float] = RETRY_S):
+        self.health_url = f"{tracking_uri.rstrip('/')}/health" if tracking_uri.startswith("http") else None
+        self.max_items, self.retry_s = max_items, retry_s
+        self.pending: collections.deque[_Call] = collections.deque()
+        self.cond = threading.Condition()
+        self.busy = False
+        self.dropped = 0
+        self.thread: threading.Thread | None = None
+
+    def put(self, call: _Call) -> None:
+        with self.cond:
+            if call.key is not None:
+                self.pending = collections.deque(c for c in self.pending if c.key != call.key)
+            self.pending.append(call)
+            if len(self.pending) > self.max_items:
+                oldest = next((c for c in self.pending if c.what == "metrics"), self.pending[0])
+                self.pending.remove(oldest)
+                self.dropped += 1
+                log.warning("MLflow buffer full (%d calls): dropped the oldest %s", self.max_items, oldest.what)
+            if self.thread is None:
+                self.thread = threading.Thread(target=self._deliver, name="mlflow-outbox", daemon=True)
+                self.thread.start()
+            self.cond.notify_all()
+
+    def flush(self, timeout: float) -> bool:
+        """Wait until every call is delivered; False if some are still pending after `timeout` seconds."""
+        with self.cond:
+            return self.cond.wait_for(lambda: not self.pending and not self.busy, timeout)
+
+    def __len__(self) -> int:
+        with self.cond:
+            return len(self.pending) + self.busy
+
+    def _reachable(self) -> bool:
+        if self.health_url is None:
+            return True
+        try:
+            with urllib.request.urlopen(self.health_url, timeout=5) as resp:  # noqa: S310 - the tracking server
+                return resp.status == 200
+        except OSError:
+            return False
+
+    def _deliver(self) -> None:
+        wait, down_since = self.retry_s[0], None
+        while True:
+            with self.cond:
+                self.cond.wait_for(lambda: self.pending)
+                call = self.pending[0]
+                self.busy = True
+            error = None
+            if not self._reachable():
+                error = "unreachable"
+            else:
+                try:
+                    call.fn()
+                except Exception as exc:  # noqa: BLE001 - retried below, or dropped when the server refuses it
+                    error = exc
+            with self.cond:
+                if error is None or _rejected(error):
+                    if error is not None:
+                        log.error("MLflow refused %s, dropped: %s", call.what, error)
+                    if self.pending and self.pending[0] is call:
+                        self.pending.popleft()
+                    self.busy = False
+                    self.cond.notify_all()
+            if error is None or _rejected(error):
+                if down_since is not None:
+                    log.warning("MLflow reachable again after %.0f s; delivering %d buffered call(s)",
+                                time.monotonic() - down_since, len(self))
+                wait, down_since = self.retry_s[0], None
+                continue
+            if down_since is None:
+                down_since = time.monotonic()
+                log.warning("MLflow %s failed (%s); training goes on, %d call(s) buffered and retried",
+                            call.what, error, len(self))
+            with self.cond:
+                self.busy = False
+                self.cond.notify_all()
+            time.sleep(wait)  # a retry delay in the background thread (no state to poll)
+            wait = min(wait * 2, self.retry_s[1])
+
+
+def _rejected(error: Exception | str) -> bool:
+    """The server answered and refused the call (HTTP 4xx): retrying cannot help."""
+    from mlflow.exceptions import RestException
+
+    if not isinstance(error, RestException):
+        return False
+    status = error.get_http_status_code()
+    return 400 <= status < 500 and status not in (408, 429)
+
+
 class RunLogger:
-    """Rank 0's MLflow run for one finetune."""
+    """Rank 0's MLflow run for one finetune.
+
+    Opening the run is synchronous (a wrong URI fails at once); every later call is buffered in an
+    `Outbox`, so training never waits for MLflow.
+    """
 
     def __init__(self, settings: dict[str, Any]):
         from mlflow.tracking import MlflowClient
@@ -97,30 +222,45 @@ class RunLogger:
         else:
             self.run_id = settings["run_id"]
             self.experiment_id = self.client.get_run(self.run_id).info.experiment_id
+        self.outbox = Outbox(self.tracking_uri, **settings.get("outbox", {}))
+        self.spool = Path(tempfile.mkdtemp(prefix="convtune-mlflow-"))  # artifact copies awaiting upload
 
     def log_params(self, params: dict[str, Any]) -> None:
         """Log the resolved config; keys the run already holds (a sweep may log them) are skipped."""
         from mlflow.entities import Param
 
-        existing = self.client.get_run(self.run_id).data.params
-        flat = {k: v for k, v in flatten_params(params).items() if k not in existing}
-        items = [Param(k, v) for k, v in flat.items()]
-        for i in range(0, len(items), 100):  # MLflow's per-batch param limit
-            self.client.log_batch(self.run_id, params=items[i : i + 100])
+        def send() -> None:
+            existing = self.client.get_run(self.run_id).data.params
+            items = [Param(k, v) for k, v in flatten_params(params).items() if k not in existing]
+            for i in range(0, len(items), 100):  # MLflow's per-batch param limit
+                self.client.log_batch(self.run_id, params=items[i : i + 100])
+
+        self.outbox.put(_Call("params", send))
 
     def log_metrics(self, metrics: dict[str, Any], step: int) -> None:
         from mlflow.entities import Metric
 
-        now = int(time.time() * 1000)
+        now = int(time.time() * 1000)  # the time of the epoch, not of the (possibly late) delivery
         items = [Metric(k, float(v), now, step) for k, v in metrics.items()
                  if isinstance(v, int | float) and not isinstance(v, bool)]
-        self.client.log_batch(self.run_id, metrics=items)
+        self.outbox.put(_Call("metrics", lambda: self.client.log_batch(self.run_id, metrics=items)))
 
     def log_text(self, text: str, artifact_file: str) -> None:
-        self.client.log_text(self.run_id, text, artifact_file)
+        self.outbox.put(_Call(f"text {artifact_file}", lambda: self.client.log_text(self.run_id, text, artifact_file),
+                              key=f"text:{artifact_file}"))
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        self.client.log_artifact(self.run_id, str(path), artifact_path)
+        """Upload a copy of `path` (the caller may delete it at once); a newer file for the same artifact
+        replaces a pending older one."""
+        key = f"artifact:{artifact_path or ''}/{Path(path).name}"
+        copy = Path(tempfile.mkdtemp(dir=self.spool)) / Path(path).name
+        shutil.copy2(path, copy)
+
+        def send() -> None:
+            self.client.log_artifact(self.run_id, str(copy), artifact_path)
+            shutil.rmtree(copy.parent, ignore_errors=True)
+
+        self.outbox.put(_Call(f"artifact {key.split(':', 1)[1]}", send, key=key))
 
     def log_setup(self, *, params: dict[str, Any], groups: list[dict[str, Any]], schedule, model_name: str) -> None:
         """Params, the param-group table and the LR schedule plot, once at the start."""
@@ -134,7 +274,20 @@ class RunLogger:
                                     f"{model_name}: {schedule.name}, base lr {schedule.base_lr:.3g}")
             self.log_artifact(plot)
 
-    def finish(self, status: str = "FINISHED") -> None:
-        """End the run if this logger created it; a sweep's run is ended by the sweep."""
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait for the buffered calls (default `CONVTUNE_MLFLOW_FLUSH_TIMEOUT_S`); False if some remain."""
+        if timeout is None:
+            timeout = float(os.environ.get("CONVTUNE_MLFLOW_FLUSH_TIMEOUT_S", "600"))
+        if self.outbox.flush(timeout):
+            return True
+        log.error("MLflow run %s: %d call(s) not delivered after waiting %.0f s (server unreachable at %s)",
+                  self.run_id, len(self.outbox), timeout, self.tracking_uri)
+        return False
+
+    def finish(self, status: str = "FINISHED", timeout: float | None = None) -> None:
+        """Deliver everything buffered, then end the run if this logger created it (a sweep's run is ended
+        by the sweep)."""
         if self.owns_run:
-            self.client.set_terminated(self.run_id, status)
+            self.outbox.put(_Call(f"end ({status})", lambda: self.client.set_terminated(self.run_id, status)))
+        if self.flush(timeout):
+            shutil.rmtree(self.spool, ignore_errors=True)

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import socket
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import VENV_BIN, free_port, http_ok, wait_until
+from conftest import _stop_process_group as stop_process_group
 from mlflow.tracking import MlflowClient
 
 from trainers.config import FinetuneConfig
@@ -70,3 +75,70 @@ def test_tracking_uris_become_absolute(tmp_path, monkeypatch):
     assert absolute_tracking_uri("sqlite:////abs/x.db") == "sqlite:////abs/x.db"
     assert absolute_tracking_uri("mlruns") == (tmp_path / "mlruns").as_uri()
     assert absolute_tracking_uri("http://mlflow:5000") == "http://mlflow:5000"
+
+
+class RestartableMlflow:
+    """A real `mlflow server` on a fixed port and store that a test can stop and start again."""
+
+    def __init__(self, root: Path):
+        self.root, self.port = root, free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        cmd = [str(VENV_BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
+               "--artifacts-destination", str(self.root / "artifacts"), "--host", "127.0.0.1",
+               "--port", str(self.port), "--workers", "1"]
+        with open(self.root / "mlflow.log", "a") as log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        wait_until(lambda: self.proc.poll() is None and http_ok(f"{self.url}/health"), 120, f"mlflow at {self.url}")
+
+    def stop(self) -> None:
+        stop_process_group(self.proc)
+        wait_until(lambda: not port_open(self.port), 30, f"port {self.port} to close")
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+@pytest.fixture
+def restartable_mlflow(tmp_path):
+    server = RestartableMlflow(tmp_path)
+    server.start()
+    yield server
+    stop_process_group(server.proc)
+
+
+def test_metrics_of_an_mlflow_outage_arrive_once_it_is_back(restartable_mlflow):
+    """The real train_loop_per_worker in this process (rank 0's logging is the same under Ray Train, and a
+    plain process lets the test stop the server between epochs): the server is down during epochs 2 and 3."""
+    server = restartable_mlflow
+    events = {}
+
+    class OutageReporter(LocalReporter):
+        def __call__(self, metrics, checkpoint_dir):
+            super().__call__(metrics, checkpoint_dir)
+            if metrics["epoch"] == 1:
+                server.stop()
+                events["down"] = time.monotonic()
+            elif metrics["epoch"] == 3:
+                events["trained_while_down"] = time.monotonic() - events["down"]
+                server.start()
+
+    cfg = TINY.with_overrides({"epochs": 4, "model_ema": False, "model_ema_eval": False})
+    reporter = OutageReporter()
+    train_loop_per_worker({"finetune": cfg.to_dict(), "cpus_per_worker": 2, "mlflow": {
+        "tracking_uri": server.url, "experiment_name": "outage", "outbox": {"retry_s": (0.2, 1.0)}}},
+        reporter=reporter)
+    # epochs 2 and 3 ran with the server down; one blocking MLflow call alone retries for minutes
+    assert events["trained_while_down"] < 60
+    client = MlflowClient(server.url)
+    (run,) = client.search_runs([client.get_experiment_by_name("outage").experiment_id])
+    assert run.info.status == "FINISHED"
+    history = client.get_metric_history(run.info.run_id, "val_top1")
+    assert [(m.step, m.value) for m in history] == [(r["epoch"], pytest.approx(r["val_top1"]))
+                                                    for r in reporter.history]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == [1, 2, 3, 4]
+    assert "best_checkpoint" in {a.path for a in client.list_artifacts(run.info.run_id)}
