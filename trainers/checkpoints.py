@@ -179,6 +179,14 @@ def save_training_state(directory: str | Path, *, model, optimizer, scaler, ema,
     return path
 
 
+def saved_config(directory: str | Path) -> dict | None:
+    """The FinetuneConfig dict stored with a training state (None without one); memory-mapped, so cheap."""
+    path = Path(directory) / TRAIN_STATE_FILE
+    if not path.is_file():
+        return None
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("config")
+
+
 def load_training_state(directory: str | Path, *, model, optimizer, scaler, ema) -> TrainState:
     path = Path(directory) / TRAIN_STATE_FILE
     if not path.is_file():

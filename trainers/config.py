@@ -43,6 +43,8 @@ class FinetuneConfig(BaseModel):
     dataset: Literal["digits", "imagefolder", "synthetic"] = "digits"
     data_root: str | None = Field(None, description="imagefolder root with train/ and val/ class folders")
     synthetic_samples: int = Field(1024, ge=1, description="train samples of the synthetic dataset")
+    skip_bad_images: bool = Field(False, description="imagefolder: skip unreadable images (a warning names each) "
+                                  "instead of refusing to start")
     loader_workers: int | None = Field(None, ge=0, description="DataLoader processes per worker; None: 0 for "
                                        "in-memory datasets, CPUs per worker - 1 for imagefolder")
     interpolation: Literal["bicubic", "bilinear", "nearest"] = "bicubic"
@@ -66,7 +68,8 @@ class FinetuneConfig(BaseModel):
     min_lr: float = Field(1e-6, ge=0)
     warmup_epochs: float = Field(1.0, ge=0)
     warmup_steps: int | None = Field(None, ge=0, description="warmup in updates; overrides warmup_epochs")
-    warmup_mode: str = Field("linear", description="see trainers.schedules")
+    warmup_mode: Literal["linear", "constant"] = Field("linear", description="linear ramp from "
+                                                       "warmup_start_factor, or constant at it")
     warmup_start_factor: float = Field(0.0, ge=0, le=1, description="warmup starts at base_lr * this")
     schedule: str = Field("cosine", description="one of trainers.schedules.SCHEDULE_NAMES")
     milestones: list[float] = Field(default_factory=list, description="multistep milestones in epochs")
@@ -162,10 +165,41 @@ class FinetuneConfig(BaseModel):
         if self.dataset == "imagefolder" and not self.data_root:
             raise ValueError("data_root: required when dataset is imagefolder (a folder with train/ and val/)")
         if self.warmup_steps is None and self.warmup_epochs >= self.epochs > 0 and self.warmup_epochs > 0:
-            raise ValueError(f"warmup_epochs: must be below epochs ({self.epochs}), got {self.warmup_epochs}")
-        if self.milestones and self.milestones[-1] >= self.epochs and self.schedule == "multistep":
-            raise ValueError(f"milestones: must lie below epochs ({self.epochs}), got {self.milestones}")
+            raise ValueError(f"warmup_epochs: must be below epochs ({self.epochs}), got {self.warmup_epochs}; "
+                             f"set warmup_epochs={self.epochs / 5:g} (a fifth of the run) or warmup_epochs=0")
+        if self.warmup_steps and self.steps_per_epoch_limit:
+            most = self.epochs * self.steps_per_epoch_limit  # an epoch has at most steps_per_epoch_limit updates
+            if self.warmup_steps >= most:
+                raise ValueError(f"warmup_steps: {self.warmup_steps} updates asked, but the run has at most {most} "
+                                 f"({self.epochs} epochs x steps_per_epoch_limit {self.steps_per_epoch_limit}); "
+                                 f"set warmup_steps below {most}")
+        if self.schedule == "multistep":
+            if not self.milestones:
+                raise ValueError("milestones: schedule 'multistep' needs milestones in epochs, e.g. [30, 60]")
+            if self.milestones[-1] >= self.epochs:
+                raise ValueError(f"milestones: must lie below epochs ({self.epochs}), got {self.milestones}")
+        if self.schedule == "step" and self.step_size is None:
+            raise ValueError("step_size: schedule 'step' needs step_size (epochs between decays), e.g. step_size=30")
+        if self.min_lr > 0:
+            self._check_min_lr()
+        if self.uses_mixup and self.batch_size % 2:
+            raise ValueError(f"batch_size: mixup/cutmix mixes pairs of images, so the batch must be even; got "
+                             f"{self.batch_size}: set batch_size={self.batch_size + 1} (or {self.batch_size - 1})")
         return self
+
+    def _check_min_lr(self) -> None:
+        """The schedules floor at min_lr, so the peak LR must not be below it (resolved LR grows with workers,
+        so one worker is the binding case)."""
+        if self.lr is not None:
+            if self.lr < self.min_lr:
+                raise ValueError(f"min_lr: {self.min_lr:g} is above lr {self.lr:g}; set min_lr below lr "
+                                 f"(e.g. min_lr={self.lr / 1000:g}) or raise lr")
+            return
+        one_worker = self.blr * self.batch_size * self.accum_steps / 256  # resolve_lr, without importing torch
+        if one_worker < self.min_lr:
+            raise ValueError(f"min_lr: {self.min_lr:g} is above the lr that blr gives on one worker "
+                             f"({self.blr:g} x {self.batch_size * self.accum_steps} / 256 = {one_worker:g}); "
+                             f"set min_lr below it (e.g. min_lr={one_worker / 1000:g}) or raise blr")
 
     # --- derived values --------------------------------------------------------------------------
     def effective_batch(self, world_size: int) -> int:
@@ -178,21 +212,36 @@ class FinetuneConfig(BaseModel):
                           world_size=world_size, lr=self.lr)
 
     def schedule_kwargs(self, *, updates_per_epoch: int, world_size: int) -> dict[str, Any]:
-        """Arguments of `build_lr_schedule`: epochs become optimizer updates."""
+        """Arguments of `build_lr_schedule`: epochs become optimizer updates.
+
+        Raises a ValueError naming the field when a length does not fit this many updates per epoch
+        (warmup not shorter than the run, milestones that round onto update 0 or onto each other).
+        """
         total = self.epochs * updates_per_epoch
         if self.warmup_steps is not None:
-            warmup = self.warmup_steps
+            warmup, asked = self.warmup_steps, f"warmup_steps: {self.warmup_steps} updates"
         else:
             warmup = round(self.warmup_epochs * updates_per_epoch)
+            asked = f"warmup_epochs: {self.warmup_epochs:g} epochs ({warmup} updates)"
+        if warmup >= total and warmup > 0:
+            raise ValueError(f"{asked} is not shorter than the run ({self.epochs} epochs x {updates_per_epoch} "
+                             f"updates per epoch = {total} updates); set warmup_steps below {total} or "
+                             f"warmup_epochs below {self.epochs}")
+        milestones = tuple(round(m * updates_per_epoch) for m in self.milestones)
+        if self.schedule == "multistep" and (milestones[:1] == (0,) or len(set(milestones)) < len(milestones)):
+            raise ValueError(f"milestones: {self.milestones} epochs are updates {list(milestones)} at "
+                             f"{updates_per_epoch} updates per epoch; milestones must be at least one update "
+                             f"({1 / updates_per_epoch:g} epochs) after the start and apart, "
+                             f"e.g. {[round((i + 1) / updates_per_epoch, 6) for i in range(len(milestones))]}")
         return {
             "name": self.schedule,
             "base_lr": self.resolved_lr(world_size),
             "total_steps": total,
-            "warmup_steps": min(warmup, total),
+            "warmup_steps": warmup,
             "warmup_mode": self.warmup_mode,
             "warmup_start_factor": self.warmup_start_factor,
             "min_lr": self.min_lr,
-            "milestones": tuple(round(m * updates_per_epoch) for m in self.milestones),
+            "milestones": milestones,
             "gamma": self.gamma,
             "step_size": None if self.step_size is None else max(1, round(self.step_size * updates_per_epoch)),
             "cycles": self.cycles,
@@ -234,6 +283,41 @@ class FinetuneConfig(BaseModel):
         """A new config with `overrides` applied by field name (validated as a whole)."""
         check_field_names(overrides)
         return type(self).model_validate({**self.model_dump(), **overrides})
+
+
+# Fields a resumed run must share with the run that wrote the checkpoint: they shape the model, the
+# parameter groups (and so the optimizer state), the data each update sees, or the LR / wd schedule.
+RESUME_FIELDS = (
+    "model", "num_classes", "input_size", "drop_path", "dataset", "data_root", "synthetic_samples",
+    "skip_bad_images", "epochs", "steps_per_epoch_limit", "batch_size", "accum_steps", "blr", "lr", "min_lr",
+    "warmup_epochs", "warmup_steps", "warmup_mode", "warmup_start_factor", "schedule", "milestones", "gamma",
+    "step_size", "cycles", "power", "optimizer", "opt_eps", "opt_betas", "momentum", "weight_decay",
+    "weight_decay_end", "layer_decay", "layer_decay_type", "no_weight_decay", "model_ema", "model_ema_decay",
+    "seed",
+)
+
+
+def check_resume_config(saved: dict[str, Any] | None, current: FinetuneConfig, where: str = "the checkpoint") -> None:
+    """Refuse to resume when `saved` (the config stored with the checkpoint) differs from `current` in a field
+    of `RESUME_FIELDS`; the message lists every difference. Fields the saved config lacks (written by an
+    older version) are not compared."""
+    if not saved:
+        return
+    now = current.to_dict()
+    diffs = [f"{name}: {saved[name]!r} in {where}, {now[name]!r} now" for name in RESUME_FIELDS
+             if name in saved and _canonical(saved[name]) != _canonical(now[name])]
+    if diffs:
+        raise ValueError("cannot resume: these settings differ from the run that wrote " + where + " (a reused "
+                         "run name?):\n  " + "\n  ".join(diffs) + "\nuse the same settings to resume, or "
+                         "another run name (or storage path) to start a new run")
+
+
+def _canonical(value: Any) -> Any:
+    if isinstance(value, list | tuple):
+        return [_canonical(v) for v in value]
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    return value
 
 
 def check_field_names(data: dict[str, Any]) -> None:

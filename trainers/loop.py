@@ -33,8 +33,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from trainers.checkpoints import load_training_state, save_model_weights, save_training_state
-from trainers.config import FinetuneConfig
+from trainers.checkpoints import load_training_state, save_model_weights, save_training_state, saved_config
+from trainers.config import FinetuneConfig, check_resume_config
 from trainers.data import build_loaders
 from trainers.layer_decay import unwrap_model
 from trainers.models import build_model
@@ -270,6 +270,7 @@ def train_loop_per_worker(config: dict[str, Any], *, reporter: Reporter | None =
                                         if config.get("resume_from") else None)
     if resume_ctx is not None:
         with resume_ctx as ckpt_dir:
+            check_resume_config(saved_config(ckpt_dir), cfg)  # a reused run name must not change the run
             state = load_training_state(ckpt_dir, model=model, optimizer=optimizer, scaler=scaler, ema=ema)
             mlflow_run_id = _read_run_id(ckpt_dir)
         start_epoch, step, best_top1, best_epoch = state.epoch, state.step, state.best_val_top1, state.best_epoch

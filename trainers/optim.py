@@ -51,6 +51,9 @@ def create_optimizer(
 ) -> torch.optim.Optimizer:
     """An optimizer from timm's registry over ``param_groups`` (the groups keep their own weight decay).
 
+    Bare parameters (``model.parameters()``) are refused: the optimizer-level weight decay is 0, so they
+    would silently train without weight decay.
+
     ``betas``, ``eps`` and ``momentum`` are passed where the optimizer takes them (timm drops them
     where it does not); ``extra`` goes to the optimizer's constructor as is.
     """
@@ -64,9 +67,16 @@ def create_optimizer(
         kwargs["betas"] = tuple(float(b) for b in betas)
     if eps is not None:
         kwargs["eps"] = float(eps)
+    if isinstance(param_groups, torch.nn.Module):
+        raise TypeError("create_optimizer takes parameter groups, not a model: pass "
+                        "build_param_groups(model, weight_decay=..., layer_decay=...)")
     groups = list(param_groups)
-    if groups and isinstance(groups[0], dict):
-        missing = [g.get("name", i) for i, g in enumerate(groups) if "weight_decay" not in g]
-        if missing:
-            raise ValueError(f"param groups {missing} carry no weight_decay; build them with build_param_groups")
+    bare = [i for i, g in enumerate(groups) if not isinstance(g, dict)]
+    if bare:  # timm would train them with the optimizer-level weight decay, which is 0 here
+        raise TypeError(f"create_optimizer got {len(bare)} bare parameter(s) instead of parameter groups, which "
+                        "would train without weight decay; pass build_param_groups(model, weight_decay=...) "
+                        "(or dicts with 'params' and 'weight_decay')")
+    missing = [g.get("name", i) for i, g in enumerate(groups) if "weight_decay" not in g]
+    if missing:
+        raise ValueError(f"param groups {missing} carry no weight_decay; build them with build_param_groups")
     return create_optimizer_v2(groups, opt=opt, lr=lr, weight_decay=0.0, momentum=momentum, **kwargs)

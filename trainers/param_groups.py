@@ -19,6 +19,7 @@ weight-decay schedule) and ``param_names`` (unwrapped names, aligned with ``para
 from __future__ import annotations
 
 import fnmatch
+import logging
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -34,6 +35,8 @@ from trainers.layer_decay import (
 )
 
 NO_DECAY_SUFFIXES = (".bias", ".gamma", ".beta")
+
+log = logging.getLogger(__name__)
 
 
 def model_no_weight_decay(model: nn.Module) -> set[str]:
@@ -95,7 +98,29 @@ def build_param_groups(
             }
         group["params"].append(param)
         group["param_names"].append(name)
+    if rule is not None:
+        warn_layer_id_gaps(rule, layer_decay, {g["layer_id"] for g in groups.values()})
     return list(groups.values())
+
+
+def layer_id_gaps(used_ids: Iterable[int]) -> list[tuple[int, int]]:
+    """Consecutive used layer ids ``(a, b)`` with unused ids between them."""
+    ids = sorted(set(used_ids))
+    return [(a, b) for a, b in zip(ids, ids[1:], strict=False) if b - a > 1]
+
+
+def warn_layer_id_gaps(rule: LayerRule, layer_decay: float, used_ids: Iterable[int]) -> None:
+    """ConvNeXt-V2's ``group`` rule is written for stage-2 depth 27; shallower models leave ids unused, so
+    the LR jumps by ``layer_decay ** -gap`` between neighbouring layers (tiny at 0.6: 36x into stage 3)."""
+    gaps = layer_id_gaps(used_ids)
+    if not gaps or layer_decay == 1.0 or rule.mode != "group":
+        return
+    jumps = ", ".join(f"ids {a + 1}..{b - 1} unused: {layer_decay ** (a - b):.0f}x from id {a} to id {b}"
+                      for a, b in gaps)
+    log.warning("layer_decay_type %r on this model leaves layer ids unused, so the LR jumps between neighbouring "
+                "layers at layer_decay %g (%s); this matches ConvNeXt-V2's recipe, which was written for stage-2 "
+                "depth 27 (base and larger). For a smooth decay use layer_decay_type 'single'.",
+                rule.mode, layer_decay, jumps)
 
 
 def param_records(
