@@ -196,6 +196,9 @@ def run_sweep(spec: SweepSpec, *, sweep_id: str, storage_path: str, mlflow_uri: 
     if resume and not restoring:
         raise SweepNotFoundError(f"no saved sweep {sweep_id!r} under {storage_path}; run it without --resume")
 
+    from trainers.data import check_data
+
+    check_data(trial_finetune(spec, {}), world_size=spec.resources.workers_per_trial)  # bad data: one message
     tracking = SweepTracking(mlflow_uri, spec, sweep_id, ray_job_id)
     tracking.open_parent(resume=restoring)
     trial_runs = TrialRunCallback(tracking, spec.metric, spec.mode, spec.scheduler_max_epochs())
@@ -373,6 +376,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_arg_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     from search_spaces.spec import resolve_spec_source
+    from trainers.data import DataError
 
     try:
         spec = resolve_spec_source(args.spec)
@@ -389,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = run_sweep(spec, sweep_id=args.sweep_id, storage_path=args.storage_path, mlflow_uri=args.mlflow_uri,
                            ray_job_id=job_id, resume=args.resume, callbacks=callbacks)
-    except SpecError as exc:
+    except (SpecError, DataError) as exc:
         print(exc, file=sys.stderr)
         return EXIT_SPEC
     except SweepNotFoundError as exc:

@@ -4,7 +4,9 @@ A registry maps `FinetuneConfig.dataset` to a builder returning `(train, val)` d
 
 * `imagefolder`: `root/train/<class>/*` and `root/val/<class>/*` (ConvNeXt-V2's `build_dataset`), timm train
   transforms (RandomResizedCrop, flip, RandAugment, random erasing) and eval resize + center crop.
-  Unreadable images are fatal: the error names the file (a silently shrinking dataset hides bugs).
+  `check_data` opens every image's header before training starts (the CLI and the sweep driver call it
+  before Ray Train): unreadable images are an error listing every one, or, with `skip_bad_images`, are
+  left out with a warning naming each (a silently shrinking dataset hides bugs).
 * `digits`: scikit-learn's 8x8 handwritten digits as RGB, upsampled to `input_size`, with a fixed
   stratified 80/20 split (seed 0, independent of the training seed). Deterministic preprocessing only:
   random crops and flips destroy 8x8 digits, so the per-image augmentations are imagefolder-only.
@@ -15,6 +17,9 @@ Mixup/cutmix are batch-level and apply to every dataset (trainers/loop.py).
 
 from __future__ import annotations
 
+import logging
+import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +30,8 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from trainers.config import FinetuneConfig
 
+log = logging.getLogger(__name__)
+PROGRESS_FROM = 2000  # image checks of this many files or more show a progress bar
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
@@ -132,12 +139,97 @@ def _load_rgb(path: str):
         raise DataError(f"unreadable image {path}: {exc}. Remove or replace the file.") from exc
 
 
+def image_files(split_dir: Path) -> list[Path]:
+    """The files `ImageFolder` loads from `split_dir/<class>/`, in its order."""
+    return sorted(f for d in sorted(split_dir.iterdir()) if d.is_dir()
+                  for f in d.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+def unreadable_images(files: list[Path], *, what: str = "images") -> list[tuple[Path, str]]:
+    """`(path, reason)` for every file PIL cannot identify from its header (a fast pass: no pixel decoding).
+
+    A progress bar on stderr shows the pass over large folders.
+    """
+    from PIL import Image
+    from tqdm import tqdm
+
+    bad = []
+    for path in tqdm(files, desc=f"checking {what}", unit="img", file=sys.stderr, mininterval=2.0,
+                     disable=len(files) < PROGRESS_FROM):
+        try:
+            with Image.open(path) as img:
+                img.size  # noqa: B018 - the header was parsed
+        except Exception as exc:  # noqa: BLE001 - PIL raises many types; all of them mean the file is unusable
+            bad.append((path, f"{type(exc).__name__}: {exc}"))
+    return bad
+
+
+@dataclass
+class ImageCheck:
+    """What `check_images` found: images per split (readable ones) and the unreadable files."""
+
+    counts: dict[str, int]
+    bad: list[tuple[Path, str]]
+
+
+def check_images(root: str | Path, *, skip_bad: bool = False) -> ImageCheck:
+    """Open the header of every image under `root/train` and `root/val`.
+
+    Unreadable files raise one DataError listing every one of them, unless `skip_bad`: then each is
+    named in a warning and left out of the counts (and, in `build_imagefolder`, of the datasets).
+    """
+    root = Path(root).expanduser()
+    counts, bad = {}, []
+    started = time.monotonic()
+    for split in ("train", "val"):
+        files = image_files(root / split)
+        split_bad = unreadable_images(files, what=f"{split}/ images")
+        counts[split] = len(files) - len(split_bad)
+        bad += split_bad
+    log.info("checked %d images under %s in %.1f s", sum(counts.values()) + len(bad), root,
+             time.monotonic() - started)
+    if bad and not skip_bad:
+        lines = "\n".join(f"  {path}: {reason}" for path, reason in bad)
+        raise DataError(f"data_root: {len(bad)} unreadable image(s) under {root}:\n{lines}\nremove or replace "
+                        "them, or set skip_bad_images: true to train without them")
+    for path, reason in bad:
+        log.warning("skipping unreadable image %s (%s)", path, reason)
+    for split, n in counts.items():
+        if n == 0:
+            raise DataError(f"data_root: no readable images in {root / split}")
+    return ImageCheck(counts, bad)
+
+
+def check_data(cfg: FinetuneConfig, *, world_size: int = 1) -> int:
+    """Everything about the data that can fail, checked before Ray Train starts (CLI, sweep driver):
+    the imagefolder layout and every image's header, the batch against the dataset size, and the LR
+    schedule at the resulting updates per epoch (milestones that round together, a warmup as long as
+    the run). Raises DataError with one clear message; returns the updates per epoch."""
+    from trainers.schedules import build_lr_schedule
+
+    if cfg.dataset == "imagefolder":
+        check_imagefolder(cfg.data_root, cfg.num_classes)
+        train_images = check_images(cfg.data_root, skip_bad=cfg.skip_bad_images).counts["train"]
+    else:
+        train_images = len(build_datasets(cfg)[0])
+    updates = updates_per_epoch(cfg, train_images, world_size)
+    try:
+        build_lr_schedule(**cfg.schedule_kwargs(updates_per_epoch=updates, world_size=world_size))
+    except ValueError as exc:
+        raise DataError(f"{exc} ({train_images} training images, {world_size} worker(s))") from None
+    return updates
+
+
 def build_imagefolder(cfg: FinetuneConfig):
     from timm.data import create_transform
     from torchvision.datasets import ImageFolder
 
     check_imagefolder(cfg.data_root, cfg.num_classes)
     root = Path(cfg.data_root).expanduser()
+    valid = None
+    if cfg.skip_bad_images:  # every worker finds the same files, so the shards stay consistent
+        skipped = {str(path) for path, _ in check_images(root, skip_bad=True).bad}
+        valid = lambda path: path.lower().endswith(IMAGE_EXTENSIONS) and path not in skipped  # noqa: E731
     train_tf = create_transform(cfg.input_size, is_training=True, hflip=cfg.hflip, color_jitter=cfg.color_jitter,
                                 auto_augment=cfg.aa, interpolation=cfg.interpolation, re_prob=cfg.reprob,
                                 re_mode=cfg.remode, re_count=cfg.recount)
@@ -145,8 +237,8 @@ def build_imagefolder(cfg: FinetuneConfig):
     crop_pct = cfg.crop_pct or (224 / 256 if cfg.input_size < 384 else 1.0)
     eval_tf = create_transform(cfg.input_size, is_training=False, interpolation=cfg.interpolation,
                                crop_pct=crop_pct)
-    return (ImageFolder(str(root / "train"), transform=train_tf, loader=_load_rgb),
-            ImageFolder(str(root / "val"), transform=eval_tf, loader=_load_rgb))
+    return (ImageFolder(str(root / "train"), transform=train_tf, loader=_load_rgb, is_valid_file=valid),
+            ImageFolder(str(root / "val"), transform=eval_tf, loader=_load_rgb, is_valid_file=valid))
 
 
 DATASETS: dict[str, Callable[[FinetuneConfig], tuple[Dataset, Dataset]]] = {
@@ -170,6 +262,15 @@ class Loaders:
     updates_per_epoch: int
 
 
+def updates_per_epoch(cfg: FinetuneConfig, train_images: int, world_size: int) -> int:
+    """Optimizer updates per epoch: whole accumulation windows of each worker's (drop_last) shard."""
+    updates = (train_images // world_size) // cfg.batch_size // cfg.accum_steps
+    if updates == 0:
+        raise DataError(f"batch_size: {cfg.batch_size} x accum_steps {cfg.accum_steps} x {world_size} worker(s) "
+                        f"is larger than the {train_images} training images; lower batch_size or accum_steps")
+    return min(updates, cfg.steps_per_epoch_limit) if cfg.steps_per_epoch_limit else updates
+
+
 def loader_workers(cfg: FinetuneConfig, cpus_per_worker: int) -> int:
     if cfg.loader_workers is not None:
         return cfg.loader_workers
@@ -184,13 +285,7 @@ def build_loaders(cfg: FinetuneConfig, *, rank: int = 0, world_size: int = 1, cp
     train_ds, val_ds = build_datasets(cfg)
     sampler = DistributedSampler(train_ds, num_replicas=world_size, rank=rank, shuffle=True, seed=cfg.seed,
                                  drop_last=True)
-    micro = len(sampler) // cfg.batch_size
-    updates = micro // cfg.accum_steps
-    if updates == 0:
-        raise DataError(f"batch_size: {cfg.batch_size} x accum_steps {cfg.accum_steps} x {world_size} worker(s) "
-                        f"is larger than the {len(train_ds)} training images; lower batch_size or accum_steps")
-    if cfg.steps_per_epoch_limit:
-        updates = min(updates, cfg.steps_per_epoch_limit)
+    updates = updates_per_epoch(cfg, len(train_ds), world_size)
     workers = loader_workers(cfg, cpus_per_worker)
     common = {"num_workers": workers, "pin_memory": pin_memory, "persistent_workers": workers > 0}
     train = DataLoader(train_ds, batch_size=cfg.batch_size, sampler=sampler, drop_last=True, **common)

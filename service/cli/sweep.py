@@ -82,6 +82,7 @@ def run_sweep_command(args: argparse.Namespace) -> int:
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     from search_spaces.driver import SweepNotFoundError, ensure_ray, run_sweep
+    from trainers.data import DataError
     from search_spaces.progress import LiveTable
     from trainers.mlflow_logging import absolute_tracking_uri
 
@@ -93,7 +94,7 @@ def run_sweep_command(args: argparse.Namespace) -> int:
     try:
         result = run_sweep(spec, sweep_id=sweep_id, storage_path=args.storage_path, mlflow_uri=mlflow_uri,
                            resume=bool(args.resume), callbacks=(LiveTable(spec, every_s=args.refresh),))
-    except (SpecError, SweepNotFoundError) as exc:
+    except (SpecError, SweepNotFoundError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(format_summary(result, spec, args.spec))

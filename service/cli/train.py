@@ -61,7 +61,7 @@ def run_train(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from trainers.config import format_validation_error
-    from trainers.data import DataError, check_imagefolder
+    from trainers.data import DataError, check_data
 
     try:
         cfg = load_config(args.config, args.overrides)
@@ -75,12 +75,11 @@ def run_train(args: argparse.Namespace) -> int:
         print("convtune train: --workers must be >= 1", file=sys.stderr)
         return 2
 
-    if cfg.dataset == "imagefolder":
-        try:
-            check_imagefolder(cfg.data_root, cfg.num_classes)  # before any cluster starts
-        except DataError as exc:
-            print(f"convtune train: {exc}", file=sys.stderr)
-            return 2
+    try:
+        check_data(cfg, world_size=args.workers)  # data, batch and schedule, before any cluster starts
+    except DataError as exc:
+        print(f"convtune train: {exc}", file=sys.stderr)
+        return 2
 
     import ray
 
