@@ -537,13 +537,24 @@ def _finetune_errors(spec: SweepSpec) -> list[dict[str, str]]:
     for name, dom in spec.space.items():
         activating = {ref: (w[0] if isinstance(w, list) else w) for ref, w in (dom.when or {}).items()}
         for sub, value in dom.values_for_validation():
-            for loc, msg in _try_finetune(spec, {**activating, name: value}):
+            for loc, msg in _try_finetune(spec, _with_activated(spec, {**activating, name: value})):
                 field = f"space.{name}.{sub}" if loc in (name, "") else f"space.{name}.{sub} (as {loc})"
                 errors.append({"field": field, "message": msg})
     for i, point in enumerate(spec.search.points_to_evaluate):
         for loc, msg in _try_finetune(spec, point):
             errors.append({"field": f"search.points_to_evaluate[{i}].{loc}", "message": msg})
     return errors
+
+
+def _with_activated(spec: SweepSpec, params: dict[str, Any]) -> dict[str, Any]:
+    """``params`` plus the first value of every conditional parameter they activate, so that settings which
+    only go together (``schedule: step`` and its ``step_size``) are checked together."""
+    out = dict(params)
+    for other in spec.ordered_params():
+        dom = spec.space[other]
+        if other not in out and dom.when and spec.is_active(other, out):
+            out[other] = dom.values_for_validation()[0][1]
+    return out
 
 
 def _try_finetune(spec: SweepSpec, params: Mapping[str, Any]) -> list[tuple[str, str]]:
