@@ -72,3 +72,14 @@ def test_resolve_lr_from_blr():
         resolve_lr(blr=1e-3, batch_size=0)
     with pytest.raises(ValueError, match="lr must be > 0"):
         resolve_lr(blr=1e-3, batch_size=8, lr=-1.0)
+
+
+def test_bare_parameters_are_refused_instead_of_training_without_weight_decay(model):
+    # timm would put them in one group with the optimizer-level weight decay, which the factory sets to 0
+    for bare in (model.parameters(), list(model.parameters())):
+        with pytest.raises(TypeError, match="bare parameter.*without weight decay; pass build_param_groups"):
+            create_optimizer("adamw", bare, lr=1e-3)
+    with pytest.raises(TypeError, match="not a model"):
+        create_optimizer("adamw", model, lr=1e-3)
+    with pytest.raises(ValueError, match="carry no weight_decay"):
+        create_optimizer("adamw", [{"params": list(model.parameters())}], lr=1e-3)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import logging
 
 import pytest
 import timm
@@ -215,3 +216,46 @@ def test_table_and_records(models):
     assert len(records) == 140
     stem = next(r for r in records if r["name"] == "stem.0.weight")
     assert stem["layer_id"] == 1 and stem["lr_scale"] == 1.0  # rule id reported even without layer decay
+
+
+# convnextv2_base at the official recipe's d = 0.6 (reference §2.3: group scale 0.6 ** (13 - id); single: L = 36)
+BASE_06 = [
+    ("stem.0.weight", 1, 0.6 ** 36, 0, 0.00130607),
+    ("stages.0.blocks.2.mlp.fc1.weight", 3, 0.6 ** 34, 1, 0.00217678),
+    ("stages.1.downsample.1.weight", 4, 0.6 ** 33, 2, 0.00362797),
+    ("stages.1.blocks.2.conv_dw.weight", 6, 0.6 ** 31, 2, 0.00362797),
+    ("stages.2.downsample.1.weight", 7, 0.6 ** 30, 3, 0.00604662),
+    ("stages.2.blocks.2.mlp.fc2.weight", 9, 0.6 ** 28, 3, 0.00604662),
+    ("stages.2.blocks.3.conv_dw.weight", 10, 0.6 ** 27, 4, 0.0100777),
+    ("stages.2.blocks.14.mlp.fc1.weight", 21, 0.6 ** 16, 7, 0.046656),
+    ("stages.2.blocks.24.norm.weight", 31, 0.6 ** 6, 11, 0.36),
+    ("stages.2.blocks.26.mlp.grn.bias", 33, 0.6 ** 4, 11, 0.36),
+    ("stages.3.downsample.0.weight", 34, 0.6 ** 3, 12, 0.6),
+    ("stages.3.blocks.2.mlp.fc2.weight", 36, 0.6, 12, 0.6),
+    ("head.fc.weight", 37, 1.0, 13, 1.0),
+]
+
+
+@pytest.mark.parametrize("mode", ["single", "group"])
+def test_lr_scale_per_parameter_on_base_at_the_official_decay(models, mode):
+    groups = build_param_groups(models("convnextv2_base"), layer_decay=0.6, layer_decay_type=mode)
+    for param, s_id, s_scale, g_id, g_scale in BASE_06:
+        want_id, want_scale = (s_id, s_scale) if mode == "single" else (g_id, g_scale)
+        layer_id, scale, _ = scale_of(groups, param)
+        assert (layer_id, scale) == (want_id, pytest.approx(want_scale, rel=1e-5)), param
+    if mode == "group":  # base fills ids 0..13: no gap, no jump
+        assert {g["layer_id"] for g in groups} == set(range(14))
+
+
+def test_group_mode_on_shallow_models_warns_about_the_id_gap(models, caplog):
+    with caplog.at_level(logging.WARNING, logger="trainers.param_groups"):
+        build_param_groups(models("convnextv2_tiny"), layer_decay=0.6, layer_decay_type="group")
+    (record,) = caplog.records
+    assert "ids 6..11 unused: 36x from id 5 to id 12" in record.getMessage()  # 0.6 ** -7 = 35.7
+    assert "layer_decay_type 'single'" in record.getMessage()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="trainers.param_groups"):
+        build_param_groups(models("convnextv2_base"), layer_decay=0.6, layer_decay_type="group")
+        build_param_groups(models("convnextv2_tiny"), layer_decay=0.6, layer_decay_type="single")
+        build_param_groups(models("convnextv2_tiny"), layer_decay=1.0, layer_decay_type="group")
+    assert caplog.records == []

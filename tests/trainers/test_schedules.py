@@ -131,14 +131,47 @@ def test_linear_constant_poly_closed_forms():
     assert lin.lr_at(T) == 0.0 and poly.lr_at(T + 5) == pytest.approx(MIN)
 
 
+def closed_form(name, k, *, base, min_lr, W, T, milestones, step_size, gamma=0.1, cycles=1, power=1.0):
+    """The documented formula of every schedule (docs/optim.md), written out without the module's helpers."""
+    warm = k / W if k < W else 1.0  # linear warmup from 0
+    if name == "multistep":
+        return base * warm * gamma ** len([m for m in milestones if m <= k])
+    if name == "step":
+        return base * warm * gamma ** (k // step_size)
+    if k < W:
+        return base * warm
+    p = min((k - W) / (T - W), 1.0)
+    if name == "cosine":
+        return min_lr + (base - min_lr) * (1 + math.cos(math.pi * p)) / 2
+    if name == "half_cosine":
+        return base * (1 + math.cos(math.pi * min(k, T) / T)) / 2
+    if name == "cosine_restarts":
+        return min_lr if p >= 1 else min_lr + (base - min_lr) * (1 + math.cos(math.pi * ((cycles * p) % 1))) / 2
+    if name == "linear":
+        return min_lr + (base - min_lr) * (1 - p)
+    if name == "constant":
+        return base
+    if name == "poly":
+        return min_lr + (base - min_lr) * (1 - p) ** power
+    raise AssertionError(f"no closed form for {name}")
+
+
 @pytest.mark.parametrize("name", SCHEDULE_NAMES)
-def test_resume_at_any_step_gives_the_same_lr(name):
-    opts = {"milestones": [30], "step_size": 25}
-    full = build_lr_schedule(name, base_lr=BASE, total_steps=100, warmup_steps=10, min_lr=MIN, **opts)
-    uninterrupted = full.values()
-    for k in (0, 9, 10, 37, 99):  # a "resumed" schedule is rebuilt from config and queried at k
-        resumed = build_lr_schedule(name, base_lr=BASE, total_steps=100, warmup_steps=10, min_lr=MIN, **opts)
-        assert resumed.lr_at(k) == uninterrupted[k]
+def test_resume_at_any_step_gives_the_closed_form_lr(name):
+    """A resumed run rebuilds the schedule from its config and queries update k: it must give the closed-form
+    value of update k, the value an uninterrupted run used (schedules hold no state)."""
+    opts = {"milestones": [30, 60], "step_size": 25, "cycles": 2, "power": 2.0}
+    args = {"base_lr": BASE, "total_steps": 100, "warmup_steps": 10, "min_lr": MIN}
+    uninterrupted = build_lr_schedule(name, **args, **opts)
+    for k in range(0, 103):
+        want = closed_form(name, k, base=BASE, min_lr=MIN, W=10, T=100, milestones=[30, 60], step_size=25,
+                           cycles=2, power=2.0)
+        assert uninterrupted.lr_at(k) == pytest.approx(want, rel=1e-12, abs=1e-18), k
+    for k in (0, 9, 10, 37, 99):
+        resumed = build_lr_schedule(name, **args, **opts)
+        assert resumed.lr_at(k) == pytest.approx(closed_form(name, k, base=BASE, min_lr=MIN, W=10, T=100,
+                                                             milestones=[30, 60], step_size=25, cycles=2,
+                                                             power=2.0), rel=1e-12, abs=1e-18)
 
 
 def test_weight_decay_schedule_and_apply():
