@@ -2,12 +2,25 @@
 
 from __future__ import annotations
 
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from PIL import Image
 
+from trainers import data
 from trainers.config import FinetuneConfig
-from trainers.data import DataError, build_datasets, build_loaders, check_imagefolder
+from trainers.data import (
+    DataError,
+    build_datasets,
+    build_loaders,
+    check_data,
+    check_imagefolder,
+    check_images,
+)
 
 
 def make_imagefolder(root, classes=("cat", "dog", "fox"), per_class=4, size=40):
@@ -111,3 +124,66 @@ def test_corrupt_image_is_fatal_and_named(tmp_path):
     index = train.samples.index((str(bad), 1))
     with pytest.raises(DataError, match=f"unreadable image {bad}"):
         train[index]
+
+
+def break_images(root):
+    bad = [root / "train" / "dog" / "1.png", root / "val" / "fox" / "3.png"]
+    bad[0].write_bytes(b"not a png at all")
+    bad[1].write_bytes(b"")
+    return bad
+
+
+def test_check_data_lists_every_unreadable_image_before_training(tmp_path):
+    root = make_imagefolder(tmp_path / "data")
+    bad = break_images(root)
+    cfg = FinetuneConfig(dataset="imagefolder", data_root=str(root), num_classes=3, input_size=32, batch_size=4)
+    with pytest.raises(DataError) as info:
+        check_data(cfg)
+    message = str(info.value)
+    assert message.startswith(f"data_root: 2 unreadable image(s) under {root}:")
+    for path in bad:
+        assert f"\n  {path}: UnidentifiedImageError" in message
+    assert "skip_bad_images: true" in message
+
+
+def test_skip_bad_images_leaves_them_out_with_a_warning_naming_each(tmp_path, caplog):
+    root = make_imagefolder(tmp_path / "data")
+    bad = break_images(root)
+    cfg = FinetuneConfig(dataset="imagefolder", data_root=str(root), num_classes=3, input_size=32, batch_size=4,
+                         skip_bad_images=True)
+    with caplog.at_level(logging.WARNING, logger="trainers.data"):
+        assert check_data(cfg) == 11 // 4  # 11 readable training images, batch 4
+    assert [r.getMessage().split(" (")[0] for r in caplog.records] == [f"skipping unreadable image {p}" for p in bad]
+    train, val = build_datasets(cfg)
+    assert (len(train), len(val)) == (11, 11)
+    assert str(bad[0]) not in [path for path, _ in train.samples]
+    assert [train[i][0].shape for i in range(len(train))][-1] == (3, 32, 32)  # every kept file loads
+
+
+def test_image_check_shows_progress_on_large_folders(tmp_path, monkeypatch, capsys):
+    root = make_imagefolder(tmp_path / "data")
+    monkeypatch.setattr(data, "PROGRESS_FROM", 5)  # the threshold, not the check: 12 images count as large
+    check_images(root)
+    assert "checking train/ images" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("values", "message"), [
+    ({"schedule": "multistep", "milestones": [0.2, 0.4], "batch_size": 1000},
+     "milestones: [0.2, 0.4] epochs are updates [0, 0] at 1 updates per epoch"),  # 1437 images // 1000: 1 update per epoch
+    ({"batch_size": 2000}, "batch_size: 2000 x accum_steps 1 x 1 worker(s) is larger than the 1437 training"),
+])
+def test_check_data_finds_schedule_and_batch_problems_before_training(values, message):
+    with pytest.raises(DataError) as info:
+        check_data(FinetuneConfig(**values))
+    assert message in str(info.value)
+
+
+def test_convtune_train_reports_unreadable_images_as_one_message(tmp_path):
+    root = make_imagefolder(tmp_path / "data")
+    bad = break_images(root)
+    done = subprocess.run([sys.executable, "-m", "service.cli", "train", "--set", "dataset=imagefolder",
+                           "--set", f"data_root={root}", "--set", "num_classes=3", "--no-mlflow"],
+                          capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[2])
+    assert done.returncode == 2, done.stderr
+    assert "2 unreadable image(s)" in done.stderr and all(str(p) in done.stderr for p in bad)
+    assert "Traceback" not in done.stderr and "Ray" not in done.stderr
