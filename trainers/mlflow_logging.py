@@ -33,6 +33,7 @@ DEFAULT_EXPERIMENT = "convtune-train"
 MAX_PARAM_LEN = 6000
 BUFFER_ITEMS = 1000  # pending MLflow calls; beyond it the oldest metrics are dropped (with a warning)
 RETRY_S = (0.5, 10.0)  # first and longest wait between delivery attempts while MLflow is unreachable
+SETTLE_S = 10.0  # while MLflow answers, an epoch's calls are delivered before the loop goes on (see `settle`)
 
 
 def absolute_tracking_uri(uri: str | None = None) -> str:
@@ -112,6 +113,7 @@ class Outbox:
         self.pending: collections.deque[_Call] = collections.deque()
         self.cond = threading.Condition()
         self.busy = False
+        self.down = False  # the last delivery attempt failed: an outage is under way
         self.dropped = 0
         self.thread: threading.Thread | None = None
 
@@ -134,6 +136,13 @@ class Outbox:
         """Wait until every call is delivered; False if some are still pending after `timeout` seconds."""
         with self.cond:
             return self.cond.wait_for(lambda: not self.pending and not self.busy, timeout)
+
+    def settle(self, timeout: float) -> None:
+        """Wait until the buffer is empty, unless MLflow is (or turns out to be) unreachable: then return at
+        once. While the server answers, an epoch's metrics are stored before the loop reports the epoch,
+        so a trial that Tune stops right after its report loses nothing."""
+        with self.cond:
+            self.cond.wait_for(lambda: self.down or (not self.pending and not self.busy), timeout)
 
     def __len__(self) -> int:
         with self.cond:
@@ -172,6 +181,7 @@ class Outbox:
                     self.busy = False
                     self.cond.notify_all()
             if error is None or _rejected(error):
+                self.down = False
                 if down_since is not None:
                     log.warning("MLflow reachable again after %.0f s; delivering %d buffered call(s)",
                                 time.monotonic() - down_since, len(self))
@@ -182,7 +192,7 @@ class Outbox:
                 log.warning("MLflow %s failed (%s); training goes on, %d call(s) buffered and retried",
                             call.what, error, len(self))
             with self.cond:
-                self.busy = False
+                self.busy, self.down = False, True
                 self.cond.notify_all()
             time.sleep(wait)  # a retry delay in the background thread (no state to poll)
             wait = min(wait * 2, self.retry_s[1])
@@ -244,6 +254,7 @@ class RunLogger:
         items = [Metric(k, float(v), now, step) for k, v in metrics.items()
                  if isinstance(v, int | float) and not isinstance(v, bool)]
         self.outbox.put(_Call("metrics", lambda: self.client.log_batch(self.run_id, metrics=items)))
+        self.outbox.settle(SETTLE_S)
 
     def log_text(self, text: str, artifact_file: str) -> None:
         self.outbox.put(_Call(f"text {artifact_file}", lambda: self.client.log_text(self.run_id, text, artifact_file),
@@ -261,6 +272,7 @@ class RunLogger:
             shutil.rmtree(copy.parent, ignore_errors=True)
 
         self.outbox.put(_Call(f"artifact {key.split(':', 1)[1]}", send, key=key))
+        self.outbox.settle(SETTLE_S)
 
     def log_setup(self, *, params: dict[str, Any], groups: list[dict[str, Any]], schedule, model_name: str) -> None:
         """Params, the param-group table and the LR schedule plot, once at the start."""
