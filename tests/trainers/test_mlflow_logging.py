@@ -127,7 +127,8 @@ def test_metrics_of_an_mlflow_outage_arrive_once_it_is_back(restartable_mlflow):
                 events["trained_while_down"] = time.monotonic() - events["down"]
                 server.start()
 
-    cfg = TINY.with_overrides({"epochs": 4, "model_ema": False, "model_ema_eval": False})
+    cfg = TINY.with_overrides({"epochs": 4, "model_ema": False, "model_ema_eval": False, "dataset": "synthetic",
+                               "synthetic_samples": 64})  # 8 val images: the epochs are quick
     reporter = OutageReporter()
     train_loop_per_worker({"finetune": cfg.to_dict(), "cpus_per_worker": 2, "mlflow": {
         "tracking_uri": server.url, "experiment_name": "outage", "outbox": {"retry_s": (0.2, 1.0)}}},
