@@ -24,7 +24,7 @@ class ApiError(RuntimeError):
 def default_api_url() -> str:
     if os.environ.get("CONVTUNE_API_URL"):
         return os.environ["CONVTUNE_API_URL"]
-    from service.cli.stack import read_state, stack_data_dir
+    from service.cli.common import read_state, stack_data_dir
 
     state = read_state(stack_data_dir(None))
     return state.get("api_url", "http://127.0.0.1:8000") if state else "http://127.0.0.1:8000"

@@ -19,20 +19,9 @@ import time
 import urllib.request
 from pathlib import Path
 
-STATE_FILE = "stack.json"
+from service.cli.common import STATE_FILE, read_state, stack_data_dir
+
 SERVICES = ("ray", "mlflow", "api")
-
-
-def stack_data_dir(value: str | None) -> Path:
-    from service.settings import default_data_dir
-
-    raw = value or os.environ.get("CONVTUNE_DATA_DIR")
-    return (Path(raw) if raw else default_data_dir()).expanduser().resolve()
-
-
-def read_state(data_dir: Path) -> dict | None:
-    path = data_dir / STATE_FILE
-    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def write_state(data_dir: Path, state: dict) -> None:
