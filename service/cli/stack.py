@@ -258,7 +258,8 @@ def run_serve(args) -> int:
 
 
 def run_demo(args) -> int:
-    from service.cli.client import Api, ApiError, spec_payload, watch
+    from service.cli.client import Api, ApiError, detail_best, fmt_metric, spec_payload, watch
+    from service.cli.live import best_params_text
 
     data_dir = stack_data_dir(args.data_dir)
     try:
@@ -272,13 +273,13 @@ def run_demo(args) -> int:
     except (RuntimeError, ApiError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    best = detail.get("best_trial")
+    best = detail_best(detail)
     print()
     if best:
-        metric = detail["metric"]
-        params = {k: v for k, v in best["params"].items() if k not in ("mlflow", "grid_point")}
-        print(f"best trial: {best['trial_id']}  {metric} = {best['metrics'].get(metric)}")
-        print(f"  params: {json.dumps(params)}")
+        print(f"best trial: {best['trial_id']}  {best['metric']} = {fmt_metric(best['value'])}")
+        print(f"  {best_params_text(best)}")
+    if detail.get("model_version"):
+        print(f"registered model version {detail['model_version']}; download it with: convtune export {created['id']}")
     print(f"browse it in MLflow: {detail['links'].get('mlflow') or state['mlflow']['url']}")
     if args.down:
         down(data_dir)
@@ -300,7 +301,8 @@ def register(subparsers) -> None:
                               "print the best trial and the MLflow URL")
     _stack_args(p)
     p.add_argument("--spec", default="quickstart", help="spec file or preset to run (default: quickstart)")
-    p.add_argument("--interval", type=float, default=3.0, help="seconds between refreshes (default 3)")
+    p.add_argument("--interval", type=float, default=0.5, help="at most one redraw per this many seconds "
+                   "(default 0.5)")
     p.add_argument("--down", action="store_true", help="stop the stack when the sweep ends")
     p.set_defaults(handler=run_demo)
 
