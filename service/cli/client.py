@@ -90,28 +90,15 @@ def render_progress(detail: dict) -> str:
             f"{p['stopped_early']} stopped early, {p['failed']} failed, {p['killed']} killed (of {p['total']})")
 
 
-def detail_best(detail: dict) -> dict | None:
-    """The detail's best trial as the event stream's `best`: searched params and the resolved LR only."""
-    best = detail.get("best_trial")
-    if not best:
-        return None
-    space = (detail.get("spec") or {}).get("space")
-    params = best.get("params") or {}
-    if space:
-        params = {k: params[k] for k in space if k in params}
-    return {"trial_id": best["trial_id"], "metric": detail["metric"], "value": best["metrics"].get(detail["metric"]),
-            "params": params, "lr": best["params"].get("resolved_lr")}
-
-
 def render_detail(detail: dict) -> str:
     lines = [f"{detail['id']}  {detail['name']}  {detail['status']}  (attempt {detail['attempt']})"]
     if detail.get("message"):
         lines.append(f"  {detail['message']}")
     lines.append("  " + render_progress(detail))
+    from service.cli.live import best_text, detail_best
+
     best = detail_best(detail)
     if best:
-        from service.cli.live import best_text
-
         lines.append(f"  {best_text(best)}")
     if detail.get("model_version"):
         lines.append(f"  registered model version: {detail['model_version']} (`convtune export {detail['id']}`)")

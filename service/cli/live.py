@@ -61,8 +61,8 @@ class EventStream:
     """
 
     def __init__(self, api, sweep_id: str, *, retry_s: float = 1.0, max_failures: int = 10,
-                 read_timeout: float = 60.0):
-        self.api, self.sweep_id = api, sweep_id
+                 read_timeout: float = 60.0, poll_s: float = 3.0):
+        self.api, self.sweep_id, self.poll_s = api, sweep_id, poll_s
         self.retry_s, self.max_failures, self.read_timeout = retry_s, max_failures, read_timeout
         self.last_id: str | None = None
         self.reconnects: list[str] = []  # why each connection ended early
@@ -81,6 +81,9 @@ class EventStream:
             try:
                 with self.api.http.stream("GET", f"/v1/sweeps/{self.sweep_id}/events", headers=headers,
                                           timeout=httpx.Timeout(10.0, read=self.read_timeout)) as resp:
+                    if resp.status_code == 404 and self.last_id is None and got_sweep(self.api, self.sweep_id):
+                        yield from PolledEvents(self.api, self.sweep_id, self.poll_s)  # an API without the route
+                        return
                     if 400 <= resp.status_code < 500:
                         resp.read()
                         raise ApiError(error_message(resp))
@@ -102,6 +105,63 @@ class EventStream:
             time.sleep(self.retry_s)
         raise ApiError(f"lost the event stream of {self.sweep_id} ({last_error}) after {self.max_failures} "
                        f"attempts; `convtune status {self.sweep_id}` shows where it is")
+
+
+def got_sweep(api, sweep_id: str) -> bool:
+    from service.cli.common import ApiError
+
+    try:
+        api.get(f"/v1/sweeps/{sweep_id}")
+    except ApiError:
+        return False
+    return True
+
+
+#: trial status in `GET /v1/sweeps/{id}/trials` -> the `outcome` of a `trial_ended` event
+POLLED_OUTCOMES = {"FINISHED": "completed", "STOPPED_EARLY": "early_stopped", "FAILED": "failed",
+                   "KILLED": "cancelled"}
+
+
+class PolledEvents:
+    """The same events, derived by polling the sweep and its trials every ``interval`` s: for an API
+    that predates the event route. Params are limited to the spec's searched ones."""
+
+    def __init__(self, api, sweep_id: str, interval: float = 3.0):
+        self.api, self.sweep_id, self.interval = api, sweep_id, interval
+
+    def __iter__(self) -> Iterator[Event]:
+        from service.cli.common import ApiError
+
+        seen: dict[str, tuple[Any, str]] = {}
+        last_status = None
+        while True:
+            detail = self.api.get(f"/v1/sweeps/{self.sweep_id}")
+            space = set((detail.get("spec") or {}).get("space") or ())
+            try:
+                trials = self.api.get(f"/v1/sweeps/{self.sweep_id}/trials")["trials"]
+            except ApiError:
+                trials = []
+            for t in trials:
+                tid, status, epoch = t["trial_id"], t["status"], (t.get("metrics") or {}).get("epoch")
+                before = seen.get(tid)
+                if status == "PENDING":
+                    continue
+                if before is None:
+                    params = {k: param_value(v) for k, v in t["params"].items() if not space or k in space}
+                    yield Event("trial_started", {"trial_id": tid, "params": params})
+                if epoch is not None and (before is None or before[0] != epoch):
+                    yield Event("trial_result", {"trial_id": tid, "epoch": epoch, "metrics": t["metrics"]})
+                if status in POLLED_OUTCOMES and (before is None or before[1] != status):
+                    yield Event("trial_ended", {"trial_id": tid, "outcome": POLLED_OUTCOMES[status], "epoch": epoch,
+                                                "best_metric": t["metrics"].get(detail["metric"])})
+                seen[tid] = (epoch, status)
+            if detail["status"] != last_status or detail["status"] in TERMINAL:
+                last_status = detail["status"]
+                yield Event("sweep", {"sweep_id": self.sweep_id, "status": detail["status"],
+                                      "best": detail_best(detail)})
+            if detail["status"] in TERMINAL:
+                return
+            time.sleep(self.interval)
 
 
 # ------------------------------------------------------------------------------------------ state
@@ -164,6 +224,28 @@ def fold(sweep_id: str, metric: str, events: Iterable[Event]) -> WatchState:
 
 def searched(params: dict[str, Any] | None) -> dict[str, Any]:
     return {k: v for k, v in (params or {}).items() if k not in HIDDEN_PARAMS}
+
+
+def detail_best(detail: dict[str, Any]) -> dict[str, Any] | None:
+    """The detail's best trial as the event stream's `best`: searched params and the resolved LR only."""
+    best = detail.get("best_trial")
+    if not best:
+        return None
+    space = (detail.get("spec") or {}).get("space")
+    params = best.get("params") or {}
+    params = {k: param_value(params[k]) for k in (space or params) if k in params}
+    return {"trial_id": best["trial_id"], "metric": detail["metric"], "value": best["metrics"].get(detail["metric"]),
+            "params": params, "lr": param_value(best["params"].get("resolved_lr"))}
+
+
+def param_value(value: Any) -> Any:
+    """MLflow keeps params as strings: numbers back to numbers, so they print short."""
+    if isinstance(value, str):
+        try:
+            return float(value) if any(c in value for c in ".eE") else int(value)
+        except ValueError:
+            return value
+    return value
 
 
 def fmt(value: Any) -> str:

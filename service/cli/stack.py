@@ -258,8 +258,8 @@ def run_serve(args) -> int:
 
 
 def run_demo(args) -> int:
-    from service.cli.client import Api, ApiError, detail_best, fmt_metric, spec_payload, watch
-    from service.cli.live import best_params_text
+    from service.cli.client import Api, ApiError, fmt_metric, spec_payload, watch
+    from service.cli.live import best_params_text, detail_best
 
     data_dir = stack_data_dir(args.data_dir)
     try:

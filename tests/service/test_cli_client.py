@@ -5,7 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from service.cli.client import detail_best, render_detail
+from service.cli.client import render_detail
+from service.cli.live import detail_best
 
 
 def detail(**extra) -> dict:
@@ -19,7 +20,7 @@ def detail(**extra) -> dict:
 
 def test_best_trial_shows_searched_params_and_resolved_lr_only():
     assert detail_best(detail()) == {"trial_id": "t2", "metric": "val_top1", "value": 91.25,
-                                     "params": {"blr": "0.004", "layer_decay": "0.9"}, "lr": "0.0005"}
+                                     "params": {"blr": 0.004, "layer_decay": 0.9}, "lr": 0.0005}
     text = render_detail(detail())
     assert "  best: t2  val_top1=91.25  lr=0.0005  blr=0.004  layer_decay=0.9" in text.splitlines()
     assert "setting_" not in text and "registered model" not in text

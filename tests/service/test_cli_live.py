@@ -112,8 +112,8 @@ def sse(event: Event) -> bytes:
 class ScriptedServer:
     """An ASGI app: connection k streams `plan[k]` (a list of events, 'beat', or 'drop' to cut the socket)."""
 
-    def __init__(self, plan: list[list]):
-        self.plan, self.requests = plan, []
+    def __init__(self, plan: list[list], polled: dict | None = None):
+        self.plan, self.requests, self.polled = plan, [], polled  # polled: an API without the event route
         self.port = self._free_port()
         config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="critical", lifespan="off",
                                 interface="asgi3")
@@ -132,13 +132,16 @@ class ScriptedServer:
 
     async def app(self, scope, receive, send):
         headers = {k.decode(): v.decode() for k, v in scope["headers"]}
-        if scope["path"] == f"/v1/sweeps/{SWEEP}":
-            body = json.dumps({"id": SWEEP, "metric": "val_top1", "status": "RUNNING"}).encode()
+        polled = self.polled or {}
+        if scope["path"] in (f"/v1/sweeps/{SWEEP}", f"/v1/sweeps/{SWEEP}/trials") and (
+                scope["path"].endswith(SWEEP) or polled):
+            body = json.dumps(polled.get(scope["path"].rsplit("/", 1)[-1]) or
+                              {"id": SWEEP, "metric": "val_top1", "status": "RUNNING"}).encode()
             await send({"type": "http.response.start", "status": 200,
                         "headers": [(b"content-type", b"application/json")]})
             await send({"type": "http.response.body", "body": body})
             return
-        if scope["path"] != f"/v1/sweeps/{SWEEP}/events":
+        if scope["path"] != f"/v1/sweeps/{SWEEP}/events" or polled:
             await send({"type": "http.response.start", "status": 404,
                         "headers": [(b"content-type", b"application/json")]})
             await send({"type": "http.response.body", "body": b'{"detail": "no sweep sw-nope"}'})
@@ -203,3 +206,20 @@ def test_watch_command_prints_one_line_per_event_and_exits_0_on_success(capsys):
     out = capsys.readouterr().out.splitlines()
     assert code == 0
     assert out == [event_line(e, "val_top1") for e in SCRIPT]
+
+
+def test_watch_falls_back_to_polling_an_api_without_the_event_route(capsys):
+    logged = {"blr": "0.004", "layer_decay": "0.9", "resolved_lr": "0.0005", "epochs": "2", "optimizer": "adamw"}
+    detail = {"id": SWEEP, "metric": "val_top1", "status": "SUCCEEDED", "spec": {"space": {"blr": {}, "layer_decay": {}}},
+              "best_trial": {"trial_id": "t2", "metrics": {"val_top1": 91.25}, "params": logged}}
+    trials = {"trials": [{"trial_id": "t2", "status": "FINISHED", "params": logged,
+                          "metrics": {"epoch": 2, "val_top1": 91.25}},
+                         {"trial_id": "t3", "status": "PENDING", "params": logged, "metrics": {}}]}
+    with ScriptedServer([], polled={SWEEP: detail, "trials": trials}) as server:
+        code = main(["watch", SWEEP, "--api", server.url])
+    assert code == 0 and server.requests == []  # the event route answered 404 (not recorded)
+    assert capsys.readouterr().out.splitlines() == [
+        "trial t2 started  blr=0.004  layer_decay=0.9",
+        "trial t2 epoch 2  val_top1=91.25",
+        "trial t2 completed after epoch 2  best val_top1=91.25",
+        f"sweep {SWEEP} SUCCEEDED  best: t2  val_top1=91.25  lr=0.0005  blr=0.004  layer_decay=0.9"]
