@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import shutil
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -47,14 +48,17 @@ def export_run(tracking_uri: str, run_id: str, dest: Path) -> Exported:
 
     from search_spaces.registry import BEST_MODEL_FILE, CONFIG_FILE, TAG_NAME, TAG_VERSION
 
-    tags = MlflowClient(tracking_uri).get_run(run_id).data.tags
+    client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
+    tags = client.get_run(run_id).data.tags
     dest.mkdir(parents=True, exist_ok=True)
     if tags.get(TAG_VERSION):
         model_uri = f"models:/{tags[TAG_NAME]}/{tags[TAG_VERSION]}"
         model_dir = dest / "mlflow_model"
         shutil.rmtree(model_dir, ignore_errors=True)
-        mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(model_dir),
-                                            tracking_uri=tracking_uri, registry_uri=tracking_uri)
+        source = client.get_model_version_download_uri(tags[TAG_NAME], tags[TAG_VERSION])  # (models:/ would
+        with tempfile.TemporaryDirectory(dir=dest) as tmp:  # resolve through the global registry URI)
+            local = mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=tmp, tracking_uri=tracking_uri)
+            shutil.move(local, model_dir)
         weights = dest / BEST_MODEL_FILE
         shutil.copyfile(model_dir / "extra_files" / BEST_MODEL_FILE, weights)
         config = json.loads((model_dir / "extra_files" / CONFIG_FILE).read_text())

@@ -143,6 +143,7 @@ class PolledEvents:
                 trials = []
             for t in trials:
                 tid, status, epoch = t["trial_id"], t["status"], (t.get("metrics") or {}).get("epoch")
+                epoch = int(epoch) if isinstance(epoch, float) and epoch.is_integer() else epoch  # MLflow: floats
                 before = seen.get(tid)
                 if status == "PENDING":
                     continue

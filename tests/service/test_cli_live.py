@@ -213,7 +213,7 @@ def test_watch_falls_back_to_polling_an_api_without_the_event_route(capsys):
     detail = {"id": SWEEP, "metric": "val_top1", "status": "SUCCEEDED", "spec": {"space": {"blr": {}, "layer_decay": {}}},
               "best_trial": {"trial_id": "t2", "metrics": {"val_top1": 91.25}, "params": logged}}
     trials = {"trials": [{"trial_id": "t2", "status": "FINISHED", "params": logged,
-                          "metrics": {"epoch": 2, "val_top1": 91.25}},
+                          "metrics": {"epoch": 2.0, "val_top1": 91.25}},
                          {"trial_id": "t3", "status": "PENDING", "params": logged, "metrics": {}}]}
     with ScriptedServer([], polled={SWEEP: detail, "trials": trials}) as server:
         code = main(["watch", SWEEP, "--api", server.url])
