@@ -17,6 +17,7 @@ A checkpoint of another architecture raises `CheckpointMismatchError`.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 import re
@@ -157,15 +158,34 @@ def load_pretrained_weights(model: nn.Module, path: str | Path, *, model_name: s
 # ---- the training state (resume) -----------------------------------------------------------------
 
 @dataclass
+class Best:
+    """The best value so far of one reported metric, and the 1-based epoch that reached it."""
+
+    metric: str
+    mode: str = "max"  # max | min
+    value: float | None = None
+    epoch: int = 0
+
+    def update(self, metrics: dict[str, Any], epoch: int) -> bool:
+        """Take `metrics[self.metric]` of `epoch` if it beats the best so far; returns whether it did."""
+        value = metrics[self.metric]
+        if not math.isfinite(value):
+            return False
+        if self.value is not None and not (value > self.value if self.mode == "max" else value < self.value):
+            return False
+        self.value, self.epoch = float(value), epoch
+        return True
+
+
+@dataclass
 class TrainState:
     epoch: int  # finished epochs
     step: int  # optimizer updates done
-    best_val_top1: float
-    best_epoch: int
+    best: dict[str, tuple[float, int]]  # metric -> (best value, its epoch)
 
 
 def save_training_state(directory: str | Path, *, model, optimizer, scaler, ema, epoch: int, step: int,
-                        config: dict, best_val_top1: float, best_epoch: int) -> Path:
+                        config: dict, best: list[Best]) -> Path:
     """Everything needed to continue exactly: RNGs are re-derived from (seed, epoch, rank) instead."""
     path = Path(directory) / TRAIN_STATE_FILE
     torch.save({
@@ -174,7 +194,7 @@ def save_training_state(directory: str | Path, *, model, optimizer, scaler, ema,
         "scaler": scaler.state_dict() if scaler is not None else None,
         "model_ema": ema.state_dict() if ema is not None else None,
         "epoch": epoch, "step": step, "config": config,
-        "best_val_top1": best_val_top1, "best_epoch": best_epoch,
+        "best": {b.metric: [b.value, b.epoch] for b in best if b.value is not None},
     }, path)
     return path
 
@@ -190,13 +210,26 @@ def load_training_state(directory: str | Path, *, model, optimizer, scaler, ema)
         scaler.load_state_dict(state["scaler"])
     if ema is not None and state["model_ema"] is not None:
         ema.load_state_dict(state["model_ema"])
-    return TrainState(state["epoch"], state["step"], state["best_val_top1"], state["best_epoch"])
+    best = state.get("best")
+    if best is None:  # written before best_metric existed: it tracked val_top1 only
+        best = {"val_top1": [state["best_val_top1"], state["best_epoch"]]} if state["best_val_top1"] >= 0 else {}
+    return TrainState(state["epoch"], state["step"], {k: (float(v), int(e)) for k, (v, e) in best.items()})
 
 
-def save_model_weights(path: str | Path, *, model, ema=None, config: dict | None = None) -> Path:
-    """A finetune result in timm layout; `checkpoint=<path>` loads it back."""
+def save_model_weights(path: str | Path, *, model, ema=None, config: dict | None = None,
+                       **info: Any) -> Path:
+    """A finetune result in timm layout, no optimizer state: `{"model", "model_ema" (or None), "config"
+    (the FinetuneConfig as a JSON string), **info}`; `checkpoint=<path>` loads it back."""
     path = Path(path)
     torch.save({"model": unwrap_model(model).state_dict(),
                 "model_ema": unwrap_model(ema.module).state_dict() if ema is not None else None,
-                "config": config}, path)
+                "config": json.dumps(config) if config is not None else None, **info}, path)
     return path
+
+
+def read_model_weights(path: str | Path) -> dict[str, Any]:
+    """What `save_model_weights` wrote, with `config` parsed back into a dict."""
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(saved.get("config"), str):
+        saved["config"] = json.loads(saved["config"])
+    return saved

@@ -20,6 +20,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 DATASET_CLASSES = {"digits": 10}  # datasets whose class count is fixed
+# metrics a finetune reports every epoch that may pick its best model (`best_metric`)
+BEST_METRICS = ("val_top1", "val_top5", "val_loss", "train_loss", "ema_val_top1", "ema_val_top5", "ema_val_loss")
 
 
 class FinetuneConfig(BaseModel):
@@ -98,6 +100,30 @@ class FinetuneConfig(BaseModel):
     model_ema: bool = False
     model_ema_decay: float = Field(0.9999, gt=0, lt=1)
     model_ema_eval: bool = Field(False, description="also evaluate the EMA model each epoch")
+
+    # --- checkpoints, best model, EMA warm-up, eval crop ---------------------------------------------
+    checkpoint_every: int = Field(1, ge=1, description="epochs between training-state checkpoints (the last "
+                                  "epoch always checkpoints); a resume repeats at most this many epochs")
+    best_metric: str = Field("val_top1", description="reported metric that picks the best model (and "
+                             "best_model_path): " + ", ".join(BEST_METRICS))
+    best_mode: Literal["max", "min"] = Field("max", description="max: higher best_metric is better; min: lower")
+    model_ema_warmup: bool = Field(False, description="timm's EMA warm-up (decay ramps up from 0); false: the "
+                                   "fixed model_ema_decay from the first update, as ConvNeXt-V2")
+    crop_mode: Literal["center", "squash", "border"] | None = Field(None, description="eval crop; None: the "
+                                                                    "model's timm pretrained_cfg (squash for _384 tags)")
+
+    @field_validator("best_metric")
+    @classmethod
+    def _known_best_metric(cls, value: str) -> str:
+        if value not in BEST_METRICS:
+            raise ValueError(f"unknown metric {value!r}; choose one of {', '.join(BEST_METRICS)}")
+        return value
+
+    @model_validator(mode="after")
+    def _best_metric_is_reported(self) -> FinetuneConfig:
+        if self.best_metric.startswith("ema_") and not (self.model_ema and self.model_ema_eval):
+            raise ValueError(f"best_metric: {self.best_metric} needs model_ema=true and model_ema_eval=true")
+        return self
 
     # --- execution -------------------------------------------------------------------------------
     amp: Literal["auto", "bf16", "fp16", "off"] = Field("auto", description="auto: bf16 on GPU, off on CPU")

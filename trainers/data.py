@@ -3,7 +3,8 @@
 A registry maps `FinetuneConfig.dataset` to a builder returning `(train, val)` datasets:
 
 * `imagefolder`: `root/train/<class>/*` and `root/val/<class>/*` (ConvNeXt-V2's `build_dataset`), timm train
-  transforms (RandomResizedCrop, flip, RandAugment, random erasing) and eval resize + center crop.
+  transforms (RandomResizedCrop, flip, RandAugment, random erasing) and the model's timm eval transform
+  (`eval_data_config`: resize + center crop, or squash for the _384 / _512 tags).
   Unreadable images are fatal: the error names the file (a silently shrinking dataset hides bugs).
 * `digits`: scikit-learn's 8x8 handwritten digits as RGB, upsampled to `input_size`, with a fixed
   stratified 80/20 split (seed 0, independent of the training seed). Deterministic preprocessing only:
@@ -15,6 +16,8 @@ Mixup/cutmix are batch-level and apply to every dataset (trainers/loop.py).
 
 from __future__ import annotations
 
+import re
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,6 +135,26 @@ def _load_rgb(path: str):
         raise DataError(f"unreadable image {path}: {exc}. Remove or replace the file.") from exc
 
 
+def eval_data_config(cfg: FinetuneConfig) -> dict:
+    """timm's eval data config of `cfg.model` (`resolve_data_config` over its pretrained_cfg: crop_pct,
+    crop_mode, mean/std) at `cfg.input_size`; `crop_pct`, `crop_mode` and `interpolation` set in the config
+    take precedence. The _384 / _512 tags squash the image to the square (ConvNeXt-V2 and timm at >= 384 px);
+    the others resize and center-crop 224/256."""
+    from timm.data import resolve_data_config
+    from timm.models import get_pretrained_cfg
+
+    pretrained = get_pretrained_cfg(cfg.model)
+    native = re.search(r"_(\d{3,})$", cfg.model.partition(".")[2])
+    if native and int(native.group(1)) != cfg.input_size:
+        warnings.warn(f"input_size: {cfg.model} was trained and evaluated at {native.group(1)} px but runs at "
+                      f"{cfg.input_size} px; set input_size={native.group(1)} or use a tag without "
+                      f"_{native.group(1)}", UserWarning, stacklevel=2)
+    overrides = {"input_size": (3, cfg.input_size, cfg.input_size), "interpolation": cfg.interpolation,
+                 "crop_pct": cfg.crop_pct, "crop_mode": cfg.crop_mode}
+    return resolve_data_config(args={k: v for k, v in overrides.items() if v is not None},
+                               pretrained_cfg=pretrained.to_dict() if pretrained else None)
+
+
 def build_imagefolder(cfg: FinetuneConfig):
     from timm.data import create_transform
     from torchvision.datasets import ImageFolder
@@ -141,10 +164,10 @@ def build_imagefolder(cfg: FinetuneConfig):
     train_tf = create_transform(cfg.input_size, is_training=True, hflip=cfg.hflip, color_jitter=cfg.color_jitter,
                                 auto_augment=cfg.aa, interpolation=cfg.interpolation, re_prob=cfg.reprob,
                                 re_mode=cfg.remode, re_count=cfg.recount)
-    # ConvNeXt-V2: resize + center crop below 384 px, plain resize at 384 and above
-    crop_pct = cfg.crop_pct or (224 / 256 if cfg.input_size < 384 else 1.0)
-    eval_tf = create_transform(cfg.input_size, is_training=False, interpolation=cfg.interpolation,
-                               crop_pct=crop_pct)
+    eval_cfg = eval_data_config(cfg)
+    eval_tf = create_transform(cfg.input_size, is_training=False, interpolation=eval_cfg["interpolation"],
+                               crop_pct=eval_cfg["crop_pct"], crop_mode=eval_cfg["crop_mode"],
+                               mean=eval_cfg["mean"], std=eval_cfg["std"])
     return (ImageFolder(str(root / "train"), transform=train_tf, loader=_load_rgb),
             ImageFolder(str(root / "val"), transform=eval_tf, loader=_load_rgb))
 
@@ -169,6 +192,12 @@ class Loaders:
     micro_batches_per_epoch: int  # per worker, whole accumulation windows only
     updates_per_epoch: int
 
+    def set_epoch(self, epoch: int, seed: int) -> None:
+        """Call before each epoch: the sampler's order and the loader workers' RNGs (augmentations) follow
+        from (epoch, seed) alone, so a resumed run draws the same batches as an uninterrupted one."""
+        self.train_sampler.set_epoch(epoch)
+        self.train.generator.manual_seed(seed)  # the worker processes, started per epoch, seed from it
+
 
 def loader_workers(cfg: FinetuneConfig, cpus_per_worker: int) -> int:
     if cfg.loader_workers is not None:
@@ -192,8 +221,11 @@ def build_loaders(cfg: FinetuneConfig, *, rank: int = 0, world_size: int = 1, cp
     if cfg.steps_per_epoch_limit:
         updates = min(updates, cfg.steps_per_epoch_limit)
     workers = loader_workers(cfg, cpus_per_worker)
-    common = {"num_workers": workers, "pin_memory": pin_memory, "persistent_workers": workers > 0}
-    train = DataLoader(train_ds, batch_size=cfg.batch_size, sampler=sampler, drop_last=True, **common)
+    # train workers are started per epoch (not persistent): a persistent worker would keep its RNG stream
+    # across epochs, and a resumed run's fresh worker could not reproduce it
+    train = DataLoader(train_ds, batch_size=cfg.batch_size, sampler=sampler, drop_last=True, num_workers=workers,
+                       pin_memory=pin_memory, persistent_workers=False, generator=torch.Generator())
     val_shard = Subset(val_ds, range(rank, len(val_ds), world_size))
-    val = DataLoader(val_shard, batch_size=max(int(1.5 * cfg.batch_size), 1), shuffle=False, **common)
+    val = DataLoader(val_shard, batch_size=max(int(1.5 * cfg.batch_size), 1), shuffle=False, num_workers=workers,
+                     pin_memory=pin_memory, persistent_workers=workers > 0)  # eval transforms are not random
     return Loaders(train, val, sampler, updates * cfg.accum_steps, updates)

@@ -5,12 +5,15 @@ start of every accumulation window the pure schedule sets every group's LR (x lr
 for update `step`; the loss is divided by `accum_steps`; the optimizer steps at the window's end,
 followed by the EMA update. Trailing micro-batches that cannot fill a window are not drawn (ConvNeXt-V2
 back-propagates and then discards them; the parameters are the same). Resume is exact: the training
-state holds model, optimizer, scaler, EMA, epoch and update step, and every RNG is re-seeded from
-(seed, epoch, rank) at the start of each epoch, so no RNG state needs saving.
+state (every `checkpoint_every` epochs and after the last) holds model, optimizer, scaler, EMA, epoch and
+update step, and every RNG, loader workers' included, is re-seeded from (seed, epoch, rank) at the start
+of each epoch, so no RNG state needs saving. When `best_metric` improves, rank 0 writes a small best-model
+file into the run's storage (`RunStorage`) and reports its path as `best_model_path`.
 
 `config` holds `"finetune"` (a `FinetuneConfig` dict) and optionally `"mlflow"` (see
 trainers/mlflow_logging.py), `"cpus_per_worker"` (torch threads), `"progress_queue"` (a
-`ray.util.queue.Queue` for live progress) and, outside Ray, `"resume_from"` (a checkpoint directory).
+`ray.util.queue.Queue` for live progress) and, outside Ray, `"resume_from"` (a checkpoint directory) and
+`"output_dir"` (where the best model goes; default: a temporary directory removed when the run ends).
 """
 
 from __future__ import annotations
@@ -18,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import math
 import random
 import shutil
 import tempfile
@@ -33,7 +35,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from trainers.checkpoints import load_training_state, save_model_weights, save_training_state
+from trainers.checkpoints import Best, load_training_state, save_model_weights, save_training_state
 from trainers.config import FinetuneConfig
 from trainers.data import build_loaders
 from trainers.layer_decay import unwrap_model
@@ -60,13 +62,17 @@ class WorkerEnv:
 
     @classmethod
     def detect(cls) -> WorkerEnv:
+        """Ray Train's rank, world size and device (`ray.train.torch.get_device`: this worker's GPU or the CPU);
+        outside Ray a torch.distributed group if one is initialised, else one process."""
         try:
             import ray.train
 
             ctx = ray.train.get_context()
         except (ImportError, RuntimeError, DeprecationWarning):  # a plain process, or a Tune trial process
-            device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-            return cls(0, 1, device, False, None)
+            rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+            cuda = torch.cuda.is_available()
+            device = torch.device("cuda", rank % torch.cuda.device_count()) if cuda else torch.device("cpu")
+            return cls(rank, world, device, False, None)
         import ray.train.torch
 
         ckpt = ray.train.get_checkpoint()
@@ -86,10 +92,59 @@ def epoch_seed(seed: int, epoch: int, rank: int) -> int:
 
 # ---- precision, loss, EMA ------------------------------------------------------------------------
 
+def configure_cuda(device: torch.device) -> None:
+    """On CUDA: cuDNN picks the fastest kernels for the fixed input size (ConvNeXt-V2 sets cudnn.benchmark)
+    and fp32 matmuls / convolutions run on TF32 tensor cores. Nothing changes on CPU."""
+    if device.type != "cuda":
+        return
+    torch.backends.cudnn.benchmark = True
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+
+
 def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """amp=auto: bf16 on a GPU that has it natively (Ampere and later), else fp16 (with a GradScaler),
+    off on CPU. Emulated bf16 (pre-Ampere GPUs) is slower than fp16 and never picked."""
     if amp == "auto":
-        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
+
+
+def grad_scaler(amp_dtype: torch.dtype | None, device: torch.device) -> torch.amp.GradScaler | None:
+    """fp16 needs loss scaling; bf16 and fp32 do not."""
+    return torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
+
+
+def memory_format_for(cfg: FinetuneConfig, device: torch.device) -> torch.memory_format:
+    """channels_last=auto: on for GPU (tensor-core convolutions), off on CPU."""
+    on = cfg.channels_last if isinstance(cfg.channels_last, bool) else device.type == "cuda"
+    return torch.channels_last if on else torch.contiguous_format
+
+
+def wrap_for_ddp(model: torch.nn.Module, env: WorkerEnv) -> torch.nn.Module:
+    """DDP over the workers: Ray Train's `prepare_model` in Ray (NCCL on GPU, gloo on CPU, as TorchTrainer
+    set up the group), torch's DDP in a plain torch.distributed group; one worker trains the model itself."""
+    if env.world_size == 1:
+        return model
+    if env.in_ray:
+        import ray.train.torch
+
+        return ray.train.torch.prepare_model(model, move_to_device=False)
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model, device_ids=[env.device] if env.device.type == "cuda" else None)
+
+
+def build_ema(cfg: FinetuneConfig, model: torch.nn.Module):
+    """timm's ModelEmaV3. Without `model_ema_warmup` the decay is `model_ema_decay` from the first update
+    (ConvNeXt-V2); with it, timm's warm-up ramps the decay up from 0 (the first update copies the model)."""
+    if not cfg.model_ema:
+        return None
+    from timm.utils import ModelEmaV3
+
+    return ModelEmaV3(model, decay=cfg.model_ema_decay, use_warmup=cfg.model_ema_warmup)
 
 
 def build_criterion(cfg: FinetuneConfig):
@@ -131,6 +186,13 @@ class TrainParts:
     def autocast(self):
         return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
 
+    def gradient_sync(self, is_update: bool):
+        """DDP all-reduces gradients only in the backward of a window's last micro-batch: the forward and
+        backward of the others run under `no_sync` (the forward too, or DDP syncs anyway)."""
+        if is_update or self.world_size == 1:
+            return contextlib.nullcontext()
+        return self.model.no_sync()
+
     def to_device(self, images, targets):
         images = images.to(self.device, non_blocking=True, memory_format=self.memory_format)
         return images, targets.to(self.device, non_blocking=True)
@@ -139,9 +201,13 @@ class TrainParts:
 def train_one_epoch(p: TrainParts, loader, micro_batches: int, epoch: int, step: int) -> tuple[dict, int]:
     """Train `micro_batches` micro-batches; returns (stats, global update step after the epoch)."""
     cfg, accum = p.cfg, p.cfg.accum_steps
+    second_order = getattr(p.optimizer, "is_second_order", False)  # adahessian differentiates the gradients
     p.model.train()
     p.optimizer.zero_grad(set_to_none=True)
-    loss_sum, seen, last_progress, lr = 0.0, 0, time.monotonic(), 0.0
+    # losses stay on the device: reading one (.item()) waits for the GPU, so that happens once per update
+    loss_sum = torch.zeros((), dtype=torch.float64, device=p.device)
+    window_loss = torch.zeros((), dtype=torch.float64, device=p.device)
+    seen, last_progress, lr = 0, time.monotonic(), 0.0
     start = time.perf_counter()
     for micro, (images, targets) in enumerate(loader):
         if micro >= micro_batches:
@@ -153,20 +219,16 @@ def train_one_epoch(p: TrainParts, loader, micro_batches: int, epoch: int, step:
         if p.mixup is not None:
             images, targets = p.mixup(images, targets)
 
-        with p.autocast():  # forward
-            loss = p.criterion(p.model(images), targets)
-        loss_value = loss.item()
-        if not math.isfinite(loss_value):
-            raise FloatingPointError(f"loss is {loss_value} at epoch {epoch}, update {step}: lower lr/blr, "
-                                     "enable clip_grad, or use amp=bf16 instead of fp16")
-
         is_update = (micro + 1) % accum == 0
-        sync = contextlib.nullcontext() if is_update or p.world_size == 1 else p.model.no_sync()
-        with sync:  # backward (gradients all-reduced only on the window's last micro-batch)
-            scaled = loss / accum
-            (p.scaler.scale(scaled) if p.scaler else scaled).backward()
+        with p.gradient_sync(is_update):
+            with p.autocast():  # forward
+                loss = p.criterion(p.model(images), targets)
+            scaled = loss / accum  # backward
+            (p.scaler.scale(scaled) if p.scaler else scaled).backward(create_graph=second_order)
+        window_loss += loss.detach()
 
         if is_update:  # step
+            check_finite(window_loss, epoch, step)
             if p.scaler:
                 p.scaler.unscale_(p.optimizer)
             if cfg.clip_grad is not None:
@@ -178,20 +240,22 @@ def train_one_epoch(p: TrainParts, loader, micro_batches: int, epoch: int, step:
                 p.optimizer.step()
             p.optimizer.zero_grad(set_to_none=True)
             step += 1
-            if p.ema is not None:  # EMA
-                p.ema.update(unwrap_model(p.model), step=step)
+            if p.ema is not None:  # EMA (step=None: the fixed decay, unless the warm-up is on)
+                p.ema.update(unwrap_model(p.model), step=step if cfg.model_ema_warmup else None)
+            loss_sum += window_loss
+            window_loss.zero_()
 
-        loss_sum += loss_value
         seen += images.shape[0]
         if time.monotonic() - last_progress > PROGRESS_EVERY_S:
             last_progress = time.monotonic()
             p.progress({"kind": "step", "epoch": epoch, "micro": micro + 1, "of": micro_batches,
-                        "loss": loss_value, "lr": lr})
+                        "loss": loss.item(), "lr": lr})
     if p.device.type == "cuda":
         torch.cuda.synchronize()
     train_s = time.perf_counter() - start
     lrs = [g["lr"] for g in p.optimizer.param_groups]
-    stats = torch.tensor([loss_sum, micro_batches, seen], dtype=torch.float64, device=p.device)
+    stats = torch.stack([loss_sum, torch.tensor(float(micro_batches), dtype=torch.float64, device=p.device),
+                         torch.tensor(float(seen), dtype=torch.float64, device=p.device)])
     if p.world_size > 1:
         dist.all_reduce(stats)
     return {
@@ -201,6 +265,13 @@ def train_one_epoch(p: TrainParts, loader, micro_batches: int, epoch: int, step:
         "lr": lr, "lr_min": min(lrs), "lr_max": max(lrs),
         "weight_decay": max(g["weight_decay"] for g in p.optimizer.param_groups),
     }, step
+
+
+def check_finite(window_loss: torch.Tensor, epoch: int, step: int) -> None:
+    """Stop on a NaN / inf loss before it reaches the parameters (one device sync per update)."""
+    if not torch.isfinite(window_loss).item():
+        raise FloatingPointError(f"loss is {window_loss.item()} at epoch {epoch}, update {step}: lower lr/blr, "
+                                 "enable clip_grad, or use amp=bf16 instead of fp16")
 
 
 @torch.no_grad()
@@ -227,7 +298,8 @@ def evaluate(model, loader, p: TrainParts) -> dict[str, float]:
 # ---- the worker function -------------------------------------------------------------------------
 
 def train_loop_per_worker(config: dict[str, Any], *, reporter: Reporter | None = None) -> None:
-    """Finetune `config["finetune"]` on this worker; report metrics (+ a checkpoint from rank 0) per epoch.
+    """Finetune `config["finetune"]` on this worker; report metrics every epoch, with a checkpoint from rank 0
+    every `checkpoint_every` epochs and after the last.
 
     In Ray Train, reports go to `ray.train.report`; in a plain process to `reporter(metrics, ckpt_dir)`
     (the directory is deleted after the call returns; see `LocalReporter`).
@@ -236,6 +308,7 @@ def train_loop_per_worker(config: dict[str, Any], *, reporter: Reporter | None =
     env = WorkerEnv.detect()
     if config.get("cpus_per_worker"):
         torch.set_num_threads(int(config["cpus_per_worker"]))
+    configure_cuda(env.device)
     seed_everything(cfg.seed)  # same initial weights on every rank
     if env.rank == 0:
         log.info("finetune %s on %s, %d worker(s)", cfg.model, env.device, env.world_size)
@@ -245,8 +318,7 @@ def train_loop_per_worker(config: dict[str, Any], *, reporter: Reporter | None =
                             cpus_per_worker=int(config.get("cpus_per_worker") or 1),
                             pin_memory=env.device.type == "cuda")
     model, _ = build_model(cfg)
-    channels_last = cfg.channels_last if isinstance(cfg.channels_last, bool) else env.device.type == "cuda"
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    memory_format = memory_format_for(cfg, env.device)
     model.to(env.device, memory_format=memory_format)
     groups = build_param_groups(model, model_name=cfg.model, layer_decay=cfg.layer_decay,
                                 layer_decay_type=cfg.layer_decay_type, weight_decay=cfg.weight_decay,
@@ -257,30 +329,25 @@ def train_loop_per_worker(config: dict[str, Any], *, reporter: Reporter | None =
                                                           world_size=env.world_size))
     wd_schedule = build_wd_schedule(**cfg.wd_schedule_kwargs(updates_per_epoch=loaders.updates_per_epoch))
     amp_dtype = autocast_dtype(cfg.amp, env.device)
-    scaler = torch.amp.GradScaler(env.device.type) if amp_dtype == torch.float16 else None
-    ema = None
-    if cfg.model_ema:
-        from timm.utils import ModelEmaV3
-
-        ema = ModelEmaV3(model, decay=cfg.model_ema_decay)
+    scaler = grad_scaler(amp_dtype, env.device)
+    ema = build_ema(cfg, model)
+    best = best_trackers(cfg)  # best[0] picks the best model; the others are reported alongside
+    storage = RunStorage.for_run(env, config)
 
     # resume
-    start_epoch, step, best_top1, best_epoch, mlflow_run_id = 0, 0, -1.0, 0, None
+    start_epoch, step, mlflow_run_id = 0, 0, None
     resume_ctx = env.checkpoint_dir or (contextlib.nullcontext(config["resume_from"])
                                         if config.get("resume_from") else None)
     if resume_ctx is not None:
         with resume_ctx as ckpt_dir:
             state = load_training_state(ckpt_dir, model=model, optimizer=optimizer, scaler=scaler, ema=ema)
             mlflow_run_id = _read_run_id(ckpt_dir)
-        start_epoch, step, best_top1, best_epoch = state.epoch, state.step, state.best_val_top1, state.best_epoch
+        start_epoch, step = state.epoch, state.step
+        for tracker in best:
+            tracker.value, tracker.epoch = state.best.get(tracker.metric, (None, 0))
         log.info("resumed at epoch %d, update %d", start_epoch, step)
 
-    train_model = model
-    if env.world_size > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        train_model = DistributedDataParallel(model, device_ids=[env.device.index] if env.device.type == "cuda"
-                                              else None)
+    train_model = wrap_for_ddp(model, env)
     if cfg.compile:
         train_model = torch.compile(train_model)
     mixup, criterion = build_criterion(cfg)
@@ -293,7 +360,7 @@ def train_loop_per_worker(config: dict[str, Any], *, reporter: Reporter | None =
         for epoch in range(start_epoch, cfg.epochs):
             epoch_start = time.perf_counter()
             seed_everything(epoch_seed(cfg.seed, epoch, env.rank))
-            loaders.train_sampler.set_epoch(epoch)
+            loaders.set_epoch(epoch, epoch_seed(cfg.seed, epoch, env.rank))
             stats, step = train_one_epoch(parts, loaders.train, loaders.micro_batches_per_epoch, epoch, step)
             val = evaluate(model, loaders.val, parts)
             metrics = {"epoch": epoch + 1, "step": step, **stats,
@@ -302,26 +369,113 @@ def train_loop_per_worker(config: dict[str, Any], *, reporter: Reporter | None =
                 ema_val = evaluate(ema.module, loaders.val, parts)
                 metrics.update(ema_val_top1=ema_val["top1"], ema_val_top5=ema_val["top5"],
                                ema_val_loss=ema_val["loss"])
-            improved = metrics["val_top1"] > best_top1
-            if improved:
-                best_top1, best_epoch = metrics["val_top1"], epoch + 1
-            metrics.update(best_val_top1=best_top1, best_epoch=best_epoch,
-                           epoch_s=time.perf_counter() - epoch_start)
+            improved = [tracker.update(metrics, epoch + 1) for tracker in best]
+            if improved[0] and env.rank == 0:  # best model: weights (+ EMA) and config, no optimizer state
+                storage.save_best_model(model=model, ema=ema, cfg=cfg, epoch=epoch + 1, metric=best[0].metric,
+                                        value=best[0].value)
+            metrics.update(best_metrics(best, storage), epoch_s=time.perf_counter() - epoch_start)
             last = epoch + 1 == cfg.epochs
             if mlflow is not None:  # before the report: code after the last report may never run
                 mlflow.log_metrics(metrics, step=epoch + 1)
-                if improved:
-                    _log_best(mlflow, model, ema, cfg)
+                if last and _logs_best_model(config, mlflow):
+                    with storage.local_copy(BEST_MODEL_FILE) as path:  # once, at the end of training
+                        mlflow.log_artifact(path, "best_checkpoint")
                 if last:
                     mlflow.finish("FINISHED")
-            save = functools.partial(_save_checkpoint, model=model, optimizer=optimizer, scaler=scaler, ema=ema,
-                                     epoch=epoch + 1, step=step, cfg=cfg, best=best_top1, best_epoch=best_epoch,
-                                     mlflow=mlflow)
+            save = None
+            if last or (epoch + 1) % cfg.checkpoint_every == 0:
+                save = functools.partial(_save_checkpoint, model=model, optimizer=optimizer, scaler=scaler, ema=ema,
+                                         epoch=epoch + 1, step=step, cfg=cfg, best=best, mlflow=mlflow)
             _report(env, reporter, metrics, save)
     except BaseException:
         if mlflow is not None:
             mlflow.finish("FAILED")
         raise
+
+
+# ---- best model ----------------------------------------------------------------------------------
+
+BEST_MODEL_FILE = "best_model.pt"
+
+
+def best_trackers(cfg: FinetuneConfig) -> list[Best]:
+    """`best_metric` first (it picks the best model), then model and EMA top-1 (ConvNeXt-V2 tracks both)."""
+    trackers = [Best(cfg.best_metric, cfg.best_mode)]
+    extra = ["val_top1"] + (["ema_val_top1"] if cfg.model_ema and cfg.model_ema_eval else [])
+    return trackers + [Best(metric, "max") for metric in extra if metric != cfg.best_metric]
+
+
+def best_metrics(best: list[Best], storage: RunStorage) -> dict[str, Any]:
+    """`best_<metric>`, `best_epoch`, `best_model_path` of the tracked metric; `best_<m>`, `best_<m>_epoch`
+    of the others."""
+    tracked, *others = best
+    out = {f"best_{tracked.metric}": tracked.value, "best_epoch": tracked.epoch,
+           "best_model_path": storage.path(BEST_MODEL_FILE) if tracked.epoch else None}
+    for tracker in others:
+        out.update({f"best_{tracker.metric}": tracker.value, f"best_{tracker.metric}_epoch": tracker.epoch})
+    return out
+
+
+class RunStorage:
+    """Where rank 0 keeps the best model: Ray Train's run directory (`storage_path/name` on any pyarrow
+    filesystem, so shared or cloud storage works), else `config["output_dir"]`, else a temporary directory
+    that lives as long as this object (plain-process runs)."""
+
+    def __init__(self, filesystem, directory: str, keep_alive: Any = None):
+        self.fs, self.directory, self._keep_alive = filesystem, directory.rstrip("/"), keep_alive
+
+    @classmethod
+    def for_run(cls, env: WorkerEnv, config: dict[str, Any]) -> RunStorage:
+        from pyarrow import fs as pafs
+
+        if env.in_ray:
+            import ray.train
+
+            with contextlib.suppress(NotImplementedError):  # Train's local mode has no storage
+                storage = ray.train.get_context().get_storage()
+                return cls(storage.storage_filesystem, storage.experiment_fs_path)
+        if config.get("output_dir"):
+            return cls(pafs.LocalFileSystem(), str(Path(config["output_dir"]).expanduser().resolve()))
+        tmp = tempfile.TemporaryDirectory(prefix="convtune-run-")
+        return cls(pafs.LocalFileSystem(), tmp.name, keep_alive=tmp)
+
+    def path(self, name: str) -> str:
+        """A local path, or `<scheme>://...` on remote storage."""
+        from pyarrow import fs as pafs
+
+        full = f"{self.directory}/{name}"
+        return full if isinstance(self.fs, pafs.LocalFileSystem) else f"{self.fs.type_name}://{full}"
+
+    def save_best_model(self, *, model, ema, cfg: FinetuneConfig, epoch: int, metric: str, value: float) -> str:
+        """Write `best_model.pt` (replacing the previous one only once the new one is complete)."""
+        from pyarrow import fs as pafs
+
+        self.fs.create_dir(self.directory, recursive=True)
+        target = f"{self.directory}/{BEST_MODEL_FILE}"
+        with tempfile.TemporaryDirectory(prefix="convtune-best-") as tmp:
+            local = save_model_weights(Path(tmp) / BEST_MODEL_FILE, model=model, ema=ema, config=cfg.to_dict(),
+                                       epoch=epoch, metric=metric, value=value)
+            pafs.copy_files(str(local), target + ".partial", destination_filesystem=self.fs)
+        self.fs.move(target + ".partial", target)
+        return self.path(BEST_MODEL_FILE)
+
+    @contextlib.contextmanager
+    def local_copy(self, name: str):
+        """A local path of `name` for the duration of the block (downloaded from remote storage)."""
+        from pyarrow import fs as pafs
+
+        if isinstance(self.fs, pafs.LocalFileSystem):
+            yield f"{self.directory}/{name}"
+            return
+        with tempfile.TemporaryDirectory(prefix="convtune-dl-") as tmp:
+            pafs.copy_files(f"{self.directory}/{name}", f"{tmp}/{name}", source_filesystem=self.fs)
+            yield f"{tmp}/{name}"
+
+
+def _logs_best_model(config: dict[str, Any], mlflow) -> bool:
+    """A run of its own (`convtune train`, which passes `log_best_model`) logs its best model to MLflow at the
+    end; a sweep trial does not (the sweep driver logs and registers the sweep's best)."""
+    return mlflow.owns_run or bool((config.get("mlflow") or {}).get("log_best_model"))
 
 
 RUN_ID_FILE = "mlflow_run_id.txt"
@@ -332,25 +486,31 @@ def _read_run_id(ckpt_dir) -> str | None:
     return path.read_text().strip() if path.is_file() else None
 
 
-def _save_checkpoint(directory, *, model, optimizer, scaler, ema, epoch, step, cfg, best, best_epoch, mlflow):
+def _save_checkpoint(directory, *, model, optimizer, scaler, ema, epoch, step, cfg, best, mlflow):
     save_training_state(directory, model=model, optimizer=optimizer, scaler=scaler, ema=ema, epoch=epoch,
-                        step=step, config=cfg.to_dict(), best_val_top1=best, best_epoch=best_epoch)
+                        step=step, config=cfg.to_dict(), best=best)
     if mlflow is not None and mlflow.owns_run:  # a retried worker keeps logging into the same run
         (Path(directory) / RUN_ID_FILE).write_text(mlflow.run_id)
 
 
-def _report(env: WorkerEnv, reporter: Reporter | None, metrics: dict, save: Callable[[str], None]) -> None:
-    """Every rank reports (it is a barrier in Ray Train); only rank 0 attaches a checkpoint."""
+def _report(env: WorkerEnv, reporter: Reporter | None, metrics: dict,
+            save: Callable[[str], None] | None) -> None:
+    """Every rank reports (it is a barrier in Ray Train); rank 0 attaches a checkpoint when `save` is given."""
+    if env.rank != 0 or save is None:
+        _send_report(env, reporter, metrics, None)
+        return
     with tempfile.TemporaryDirectory(prefix="convtune-ckpt-") as tmp:
-        if env.rank == 0:
-            save(tmp)
-        if env.in_ray:
-            import ray.train
+        save(tmp)
+        _send_report(env, reporter, metrics, tmp)
 
-            ckpt = ray.train.Checkpoint.from_directory(tmp) if env.rank == 0 else None
-            ray.train.report(metrics, checkpoint=ckpt)
-        elif reporter is not None:
-            reporter(metrics, tmp if env.rank == 0 else None)
+
+def _send_report(env: WorkerEnv, reporter: Reporter | None, metrics: dict, ckpt_dir: str | None) -> None:
+    if env.in_ray:
+        import ray.train
+
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(ckpt_dir) if ckpt_dir else None)
+    elif reporter is not None:
+        reporter(metrics, ckpt_dir)
 
 
 def _start_mlflow(config, cfg, env, groups, lr_schedule, updates_per_epoch, resumed_run_id):
@@ -369,12 +529,6 @@ def _start_mlflow(config, cfg, env, groups, lr_schedule, updates_per_epoch, resu
     logger.log_setup(params={**cfg.to_dict(), **derived}, groups=groups, schedule=lr_schedule,
                      model_name=cfg.model)
     return logger
-
-
-def _log_best(mlflow, model, ema, cfg: FinetuneConfig) -> None:
-    with tempfile.TemporaryDirectory() as tmp:
-        path = save_model_weights(Path(tmp) / "model.pt", model=model, ema=ema, config=cfg.to_dict())
-        mlflow.log_artifact(path, "best_checkpoint")
 
 
 def _progress_sink(queue) -> Callable[[dict[str, Any]], None]:
