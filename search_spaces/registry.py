@@ -8,7 +8,8 @@ extra files beside it, and registered as a new version of NAME. The version is t
 id, trial id, metric and value; the parent run gets the tags ``registered_model_name`` and
 ``registered_model_version`` (the service shows the latter as ``model_version``).
 
-Where the weights come from is one function, :func:`best_model_file`. A failed registration (e.g. an
+Where the weights come from is one function, :func:`best_model_file`: the trial's best-model file
+(``best_model_path``, written by rank 0 when the metric improved), else its checkpoint. A failed registration (e.g. an
 MLflow store without a registry) is logged and tagged ``registered_model_error`` on the parent run; it
 never fails a sweep whose trials finished.
 """
@@ -31,39 +32,61 @@ BEST_MODEL_FILE = "best_model.pt"
 CONFIG_FILE = "finetune_config.json"
 
 
-def best_model_file(best: dict[str, Any], out_dir: Path) -> Path:
-    """Write the winner's best-model file (``save_model_weights`` layout) into ``out_dir``; return its path.
+def best_model_file(best: dict[str, Any], out_dir: Path) -> tuple[Path, str]:
+    """Put the winner's best-model file (``save_model_weights`` layout) into ``out_dir``: (path, source).
 
-    Source: the best trial's Ray Train checkpoint (``checkpoint_path``; a ``train_state.pt`` with model,
-    optimizer and EMA state), local or on the shared storage's filesystem.
+    Source: the file the trial's rank 0 wrote when its metric last improved (``best_model_path``, on
+    any pyarrow filesystem), when it still exists; else the best trial's checkpoint (``checkpoint_path``,
+    a ``train_state.pt`` holding model, optimizer and EMA state), e.g. for in-process trials, whose
+    best-model file lives in a temporary directory that ends with the trial.
     """
     import torch
+    from pyarrow import fs as pafs
     from ray.tune import Checkpoint
 
     from trainers.checkpoints import TRAIN_STATE_FILE
 
+    path = out_dir / BEST_MODEL_FILE
+    reported = best.get("best_model_path")
+    if reported:
+        filesystem, fs_path = pafs.FileSystem.from_uri(reported if "://" in reported else f"file://{reported}")
+        if filesystem.get_file_info(fs_path).type == pafs.FileType.File:
+            pafs.copy_files(fs_path, str(path), source_filesystem=filesystem)
+            return path, reported
     source = best.get("checkpoint_path")
     if not source:
-        raise FileNotFoundError(f"trial {best['trial_id']} left no checkpoint to register")
+        raise FileNotFoundError(f"trial {best['trial_id']} left no best-model file and no checkpoint to register")
     with Checkpoint(str(source)).as_directory() as ckpt_dir:
         state = torch.load(Path(ckpt_dir) / TRAIN_STATE_FILE, map_location="cpu", weights_only=True)
     ema = state.get("model_ema")
     if ema is not None:  # ModelEmaV3's own state dict wraps the model as `module.`
         ema = {k.removeprefix("module."): v for k, v in ema.items() if k.startswith("module.")}
-    path = out_dir / BEST_MODEL_FILE
-    torch.save({"model": state["model"], "model_ema": ema, "config": best["finetune"]}, path)
-    return path
+    torch.save({"model": state["model"], "model_ema": ema, "config": json.dumps(best["finetune"]),
+                "epoch": state["epoch"]}, path)
+    return path, str(source)
 
 
-def register_winner(tracking, spec, best: dict[str, Any] | None, *, final: bool) -> str | None:
+def reported_best_model(results, trial_id: str) -> str | None:
+    """``best_model_path`` of the trial's last result in a Tune ResultGrid, if it reported one."""
+    for result in results or ():
+        metrics = result.metrics or {}
+        if metrics.get("trial_id") == trial_id:
+            return metrics.get("best_model_path")
+    return None
+
+
+def register_winner(tracking, spec, best: dict[str, Any] | None, *, final: bool, results=None) -> str | None:
     """Register the best trial of a finished sweep as a new version of ``spec.register_model``.
 
-    Returns the version, or None when nothing was registered (no name, no best trial, an interrupted
-    sweep, or an error, which is logged and tagged on the parent run).
+    ``results`` (the sweep's ResultGrid) supplies the trial's reported ``best_model_path``. Returns the
+    version, or None when nothing was registered (no name, no best trial, an interrupted sweep, or an
+    error, which is logged and tagged on the parent run).
     """
     if not (spec.register_model and best and final):
         return None
     try:
+        if not best.get("best_model_path"):
+            best = {**best, "best_model_path": reported_best_model(results, best["trial_id"])}
         return _register(tracking, spec, best)
     except Exception as exc:  # noqa: BLE001 - the sweep's results stand; the error is on the run
         log.warning("could not register the best model as %r", spec.register_model, exc_info=True)
@@ -87,7 +110,7 @@ def _register(tracking, spec, best: dict[str, Any]) -> str:
     cfg = FinetuneConfig.model_validate({**best["finetune"], "pretrained": False, "checkpoint": None})
     with tempfile.TemporaryDirectory(prefix="convtune-register-") as tmp:
         tmp = Path(tmp)
-        weights = best_model_file(best, tmp)
+        weights, source = best_model_file(best, tmp)
         saved = torch.load(weights, map_location="cpu", weights_only=True)
         use_ema = spec.metric.startswith("ema_") and saved.get("model_ema")
         model, _ = build_model(cfg)  # the architecture only: no hub download, no start checkpoint
@@ -105,7 +128,7 @@ def _register(tracking, spec, best: dict[str, Any]) -> str:
                 model, name=MODEL_NAME, signature=signature, input_example=example.numpy(), serialization_format="pt2",
                 extra_files=[str(weights), str(config_file)],
                 pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"timm=={timm.__version__}"],
-                params={"trial_id": best["trial_id"], "weights": "ema" if use_ema else "model"})
+                params={"trial_id": best["trial_id"], "weights": "ema" if use_ema else "model", "source": source})
     version = mlflow.register_model(info.model_uri, spec.register_model, tags={
         "sweep_id": tracking.sweep_id, "trial_id": best["trial_id"], "metric": spec.metric,
         "metric_value": repr(float(best["metric"]))})

@@ -7,7 +7,9 @@ database-backed and so has the registry).
 
 from __future__ import annotations
 
+import json
 import uuid
+from pathlib import Path
 
 import mlflow
 import mlflow.pytorch
@@ -16,7 +18,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from search_spaces.registry import TAG_ERROR, TAG_NAME, TAG_VERSION, register_winner
+from search_spaces.registry import TAG_ERROR, TAG_NAME, TAG_VERSION, best_model_file, register_winner
 from search_spaces.spec import SweepSpec
 from search_spaces.tracking import SweepTracking, log_sweep_summary
 from service.cli.export import export_run, parse_mlflow_link
@@ -34,11 +36,13 @@ TINY = {"model": "convnextv2_atto", "dataset": "digits", "input_size": 32, "batc
 def trained(tmp_path_factory):
     """(finetune config dict, best dict as the driver builds it) of one real tiny finetune."""
     cfg = FinetuneConfig.model_validate(TINY)
-    reporter = LocalReporter(tmp_path_factory.mktemp("trained"))
-    train_loop_per_worker({"finetune": cfg.to_dict(), "cpus_per_worker": 1}, reporter=reporter)
+    root = tmp_path_factory.mktemp("trained")
+    reporter = LocalReporter(root / "checkpoints")
+    train_loop_per_worker({"finetune": cfg.to_dict(), "cpus_per_worker": 1, "output_dir": str(root / "out")},
+                          reporter=reporter)
     best = {"trial_id": "abc_00001", "metric": reporter.history[-1]["val_top1"], "params": {"blr": 1e-3},
             "finetune": cfg.model_dump(mode="json"), "checkpoint_path": str(reporter.checkpoints[-1]),
-            "mlflow_run_id": None}
+            "best_model_path": reporter.history[-1]["best_model_path"], "mlflow_run_id": None}
     return best
 
 
@@ -52,6 +56,21 @@ def make_tracking(url: str, register: str | None) -> tuple[SweepSpec, SweepTrack
 
 def trained_weights(best) -> dict[str, torch.Tensor]:
     return torch.load(f"{best['checkpoint_path']}/{TRAIN_STATE_FILE}", weights_only=True)["model"]
+
+
+def test_weights_come_from_the_best_model_file_else_the_checkpoint(trained, tmp_path):
+    path, source = best_model_file(trained, tmp_path)
+    assert source == trained["best_model_path"] and Path(source).name == "best_model.pt"
+    from_file = torch.load(path, weights_only=True)
+    gone = {**trained, "best_model_path": str(tmp_path / "ended-with-the-trial" / "best_model.pt")}
+    (tmp_path / "fallback").mkdir()
+    path, source = best_model_file(gone, tmp_path / "fallback")
+    assert source == trained["checkpoint_path"]
+    from_ckpt = torch.load(path, weights_only=True)
+    assert json.loads(from_ckpt["config"]) == trained["finetune"]
+    for key in ("model", "model_ema"):  # one epoch: the best epoch is the checkpointed one
+        assert from_ckpt[key].keys() == from_file[key].keys()
+        assert all(torch.equal(from_ckpt[key][k], from_file[key][k]) for k in from_file[key])
 
 
 def test_spec_rejects_a_bad_registry_name():
@@ -123,7 +142,7 @@ def test_without_registry_export_takes_the_logged_best_checkpoint(mlflow_server,
 
 def test_failed_registration_is_tagged_and_never_raises(mlflow_server, trained):
     spec, tracking = make_tracking(mlflow_server.url, f"convtune-test-{uuid.uuid4().hex[:6]}")
-    missing = {**trained, "checkpoint_path": None}
+    missing = {**trained, "checkpoint_path": None, "best_model_path": None}
     assert register_winner(tracking, spec, missing, final=True) is None
     tags = MlflowClient(mlflow_server.url).get_run(tracking.parent_run_id).data.tags
     assert "no checkpoint" in tags[TAG_ERROR] and TAG_VERSION not in tags
