@@ -264,6 +264,7 @@ def _restore_sigterm(previous) -> None:
 
 def _finish(spec: SweepSpec, sweep_id: str, experiment_path: str, grid, tracking, resumed: bool,
             wall_s: float, *, interrupted: bool, running: set[str]) -> SweepResult:
+    from search_spaces.registry import register_winner
     from search_spaces.tracking import log_sweep_summary
 
     trials, curves = _trial_table(spec, grid)
@@ -288,6 +289,7 @@ def _finish(spec: SweepSpec, sweep_id: str, experiment_path: str, grid, tracking
         log_sweep_summary(tracking, spec, pd.DataFrame(trials), curves, best, final=status != "interrupted")
     except Exception:  # noqa: BLE001 - the sweep's own results stand even if the summary upload fails
         log.warning("could not log the sweep summary to MLflow", exc_info=True)
+    register_winner(tracking, spec, best, final=status == "finished", results=grid)  # never raises
     tracking.finish_parent(mlflow_status)
     return SweepResult(sweep_id=sweep_id, status=status, experiment_path=experiment_path, trials=trials, best=best,
                        mlflow_parent_run_id=tracking.parent_run_id, mlflow_url=tracking.run_url(),

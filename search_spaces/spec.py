@@ -271,6 +271,11 @@ class SweepSpec(BaseModel):
     failures: FailuresConfig = Field(default_factory=FailuresConfig)
     estimate: EstimateConfig = Field(default_factory=EstimateConfig)
     mlflow_experiment: str | None = Field(None, description="MLflow experiment; default 'convtune-<name>'.")
+    register_model: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$",
+        description="MLflow Model Registry name: when the sweep finishes, the best trial's weights are logged as "
+                    "an MLflow PyTorch model in the sweep's run and registered as a new version of this name "
+                    "(letters, digits, '_', '.', '-'; needs a database-backed MLflow store).")
 
     @field_validator("num_samples")
     @classmethod

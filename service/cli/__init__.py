@@ -28,6 +28,7 @@ COMMAND_MODULES: dict[str, str] = {
     "resume": "service.cli.client",
     "logs": "service.cli.client",
     "open": "service.cli.client",
+    "export": "service.cli.export",
 }
 
 

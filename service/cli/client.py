@@ -11,21 +11,16 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
+from service.cli.common import ApiError, error_message, read_state, stack_data_dir
+
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
-
-
-class ApiError(RuntimeError):
-    pass
 
 
 def default_api_url() -> str:
     if os.environ.get("CONVTUNE_API_URL"):
         return os.environ["CONVTUNE_API_URL"]
-    from service.cli.stack import read_state, stack_data_dir
-
     state = read_state(stack_data_dir(None))
     return state.get("api_url", "http://127.0.0.1:8000") if state else "http://127.0.0.1:8000"
 
@@ -49,15 +44,7 @@ class Api:
         except httpx.TransportError as exc:
             raise ApiError(f"cannot reach the convtune API at {self.url} ({exc}); start it with `convtune up`") from exc
         if resp.status_code >= 400:
-            try:
-                body = resp.json()
-                detail = body.get("detail", resp.text)
-                errors = body.get("errors") or []
-            except ValueError:
-                detail, errors = resp.text, []
-            lines = [f"HTTP {resp.status_code}: {detail}"] if not errors else [f"HTTP {resp.status_code}:"]
-            lines += [f"  {e['field']}: {e['reason']}" for e in errors]
-            raise ApiError("\n".join(lines))
+            raise ApiError(error_message(resp))
         return resp
 
     def get(self, path: str, **kwargs):
@@ -103,28 +90,18 @@ def render_progress(detail: dict) -> str:
             f"{p['stopped_early']} stopped early, {p['failed']} failed, {p['killed']} killed (of {p['total']})")
 
 
-def render_trials(table: dict, limit_params: int = 6) -> str:
-    metric = table["metric"]
-    trials = table["trials"]
-    if not trials:
-        return "no trials have started yet"
-    params = sorted({k for t in trials for k in t["params"]} - {"mlflow", "grid_point"})
-    searched = [p for p in params if len({t["params"].get(p) for t in trials}) > 1][:limit_params] or params[:limit_params]
-    header = ["trial", "status", "epoch", metric, *searched]
-    rows = [[t["trial_id"], t["status"], fmt_metric(t["metrics"].get("epoch")), fmt_metric(t["metrics"].get(metric)),
-             *(str(t["params"].get(p, "-"))[:14] for p in searched)] for t in trials]
-    return render_table(rows, header)
-
-
 def render_detail(detail: dict) -> str:
     lines = [f"{detail['id']}  {detail['name']}  {detail['status']}  (attempt {detail['attempt']})"]
     if detail.get("message"):
         lines.append(f"  {detail['message']}")
     lines.append("  " + render_progress(detail))
-    best = detail.get("best_trial")
+    from service.cli.live import best_text, detail_best
+
+    best = detail_best(detail)
     if best:
-        lines.append(f"  best: {best['trial_id']} {detail['metric']}={fmt_metric(best['metrics'].get(detail['metric']))} "
-                     f"{json.dumps({k: v for k, v in best['params'].items() if k != 'mlflow'})}")
+        lines.append(f"  {best_text(best)}")
+    if detail.get("model_version"):
+        lines.append(f"  registered model version: {detail['model_version']} (`convtune export {detail['id']}`)")
     links = detail["links"]
     lines.append(f"  MLflow: {links.get('mlflow') or '(not created yet)'}")
     lines.append(f"  Ray:    {links['ray']}")
@@ -179,24 +156,15 @@ def run_status(args) -> int:
     return 0
 
 
-def watch(api: Api, sweep_id: str, interval: float) -> int:
-    tty = sys.stdout.isatty()
-    last = None
-    while True:
-        detail = api.get(f"/v1/sweeps/{sweep_id}")
-        try:
-            table = render_trials(api.get(f"/v1/sweeps/{sweep_id}/trials"))
-        except ApiError as exc:
-            table = f"trials unavailable: {exc}"
-        screen = f"{render_detail(detail)}\n\n{table}"
-        if tty:
-            print("\033[2J\033[H" + screen, flush=True)
-        elif screen != last:
-            print(screen + "\n", flush=True)
-        last = screen
-        if detail["status"] in TERMINAL:
-            return 0 if detail["status"] == "SUCCEEDED" else 1
-        time.sleep(interval)
+def watch(api: Api, sweep_id: str, interval: float = 0.5) -> int:
+    """Follow the sweep's event stream until it ends: a table redrawn in place on a terminal, else one
+    line per event. Exit 0 only if it SUCCEEDED."""
+    from service.cli.live import EventStream, WatchState, follow
+
+    detail = api.get(f"/v1/sweeps/{sweep_id}")  # a 404 before any stream; names the metric column
+    state = follow(EventStream(api, sweep_id), WatchState(sweep_id, detail["metric"]),
+                   tty=sys.stdout.isatty(), min_redraw_s=interval)
+    return 0 if state.status == "SUCCEEDED" else 1
 
 
 def run_watch(args) -> int:
@@ -269,7 +237,8 @@ def register(subparsers) -> None:
     p.add_argument("--idempotency-key", help="retrying with the same key never starts a second sweep")
     p.add_argument("--dry-run", action="store_true", help="validate and show what would run; submit nothing")
     p.add_argument("--watch", action="store_true", help="then watch it until it ends")
-    p.add_argument("--interval", type=float, default=3.0, help="seconds between refreshes with --watch")
+    p.add_argument("--interval", type=float, default=0.5, help="with --watch: at most one redraw per this many "
+                   "seconds (default 0.5)")
     _common(p)
     p.set_defaults(handler=_handled(run_submit))
 
@@ -282,9 +251,11 @@ def register(subparsers) -> None:
     _common(p)
     p.set_defaults(handler=_handled(run_status))
 
-    p = subparsers.add_parser("watch", help="Show a live trial table until the sweep ends")
+    p = subparsers.add_parser("watch", help="Show a live trial table until the sweep ends (one line per event "
+                              "when not on a terminal)")
     p.add_argument("id")
-    p.add_argument("--interval", type=float, default=3.0, help="seconds between refreshes (default 3)")
+    p.add_argument("--interval", type=float, default=0.5, help="at most one redraw per this many seconds "
+                   "(default 0.5)")
     _common(p)
     p.set_defaults(handler=_handled(run_watch))
 

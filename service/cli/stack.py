@@ -19,20 +19,9 @@ import time
 import urllib.request
 from pathlib import Path
 
-STATE_FILE = "stack.json"
+from service.cli.common import STATE_FILE, read_state, stack_data_dir
+
 SERVICES = ("ray", "mlflow", "api")
-
-
-def stack_data_dir(value: str | None) -> Path:
-    from service.settings import default_data_dir
-
-    raw = value or os.environ.get("CONVTUNE_DATA_DIR")
-    return (Path(raw) if raw else default_data_dir()).expanduser().resolve()
-
-
-def read_state(data_dir: Path) -> dict | None:
-    path = data_dir / STATE_FILE
-    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def write_state(data_dir: Path, state: dict) -> None:
@@ -269,7 +258,8 @@ def run_serve(args) -> int:
 
 
 def run_demo(args) -> int:
-    from service.cli.client import Api, ApiError, spec_payload, watch
+    from service.cli.client import Api, ApiError, fmt_metric, spec_payload, watch
+    from service.cli.live import best_params_text, detail_best
 
     data_dir = stack_data_dir(args.data_dir)
     try:
@@ -283,13 +273,13 @@ def run_demo(args) -> int:
     except (RuntimeError, ApiError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    best = detail.get("best_trial")
+    best = detail_best(detail)
     print()
     if best:
-        metric = detail["metric"]
-        params = {k: v for k, v in best["params"].items() if k not in ("mlflow", "grid_point")}
-        print(f"best trial: {best['trial_id']}  {metric} = {best['metrics'].get(metric)}")
-        print(f"  params: {json.dumps(params)}")
+        print(f"best trial: {best['trial_id']}  {best['metric']} = {fmt_metric(best['value'])}")
+        print(f"  {best_params_text(best)}")
+    if detail.get("model_version"):
+        print(f"registered model version {detail['model_version']}; download it with: convtune export {created['id']}")
     print(f"browse it in MLflow: {detail['links'].get('mlflow') or state['mlflow']['url']}")
     if args.down:
         down(data_dir)
@@ -311,7 +301,8 @@ def register(subparsers) -> None:
                               "print the best trial and the MLflow URL")
     _stack_args(p)
     p.add_argument("--spec", default="quickstart", help="spec file or preset to run (default: quickstart)")
-    p.add_argument("--interval", type=float, default=3.0, help="seconds between refreshes (default 3)")
+    p.add_argument("--interval", type=float, default=0.5, help="at most one redraw per this many seconds "
+                   "(default 0.5)")
     p.add_argument("--down", action="store_true", help="stop the stack when the sweep ends")
     p.set_defaults(handler=run_demo)
 
