@@ -9,6 +9,7 @@ imported here, so the service can validate and dry-run specs without a cluster.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from collections.abc import Iterable, Mapping
@@ -16,8 +17,9 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
 import numpy as np
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from search_spaces.loading import SpecError, load_spec_text
 
 #: Keys of a trial's Tune config that are not finetune fields.
 GRID_KEY = "grid_point"
@@ -30,13 +32,11 @@ TRIAL_OVERHEAD_S = {"in_process": 8.0, "train": 16.0}
 DIGITS_ATTO_EPOCH_S = 6.0
 
 
-class SpecError(ValueError):
-    """A sweep spec is invalid; ``errors`` lists ``{"field": "a.b", "message": ...}`` for every problem."""
-
-    def __init__(self, errors: list[dict[str, str]]):
-        self.errors = errors
-        lines = "\n".join(f"  {e['field']}: {e['message']}" for e in errors)
-        super().__init__(f"invalid sweep spec ({len(errors)} error{'s' * (len(errors) != 1)}):\n{lines}")
+#: Most trials one sweep may ask for (num_samples, max_grid_trials); a service may set a lower cap.
+MAX_TRIALS = 100_000
+#: MLflow's limits: experiment names, tag values (the description becomes the parent run's note).
+MLFLOW_MAX_EXPERIMENT_NAME = 500
+MLFLOW_MAX_TAG_VALUE = 8000
 
 
 def _field_error(field: str, message: str) -> SpecError:
@@ -174,7 +174,8 @@ class SearchConfig(BaseModel):
     evaluated_rewards: list[float] | None = Field(
         None, description="Known metric values of points_to_evaluate (from an earlier sweep, tpe only): they seed "
         "the sampler without being trained again.")
-    max_grid_trials: int = Field(256, ge=1, description="Refuse grids larger than this (the cross product grows fast).")
+    max_grid_trials: int = Field(256, ge=1, le=MAX_TRIALS,
+                                 description="Refuse grids larger than this (the cross product grows fast).")
 
 
 class FifoScheduler(BaseModel):
@@ -257,20 +258,23 @@ class SweepSpec(BaseModel):
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$", description="Sweep name (also the MLflow "
                       "experiment unless mlflow_experiment is set).")
-    description: str = ""
+    description: str = Field("", max_length=MLFLOW_MAX_TAG_VALUE,
+                             description="Free text, shown as the MLflow parent run's note.")
     base: dict[str, Any] = Field(default_factory=dict, description="FinetuneConfig fields shared by all trials.")
     space: dict[str, Domain] = Field(description="Parameter (a FinetuneConfig field) -> domain.")
     search: SearchConfig = Field(default_factory=SearchConfig)
     scheduler: SchedulerConfig = Field(default_factory=lambda: AshaScheduler(type="asha"))
     metric: str = Field("val_top1", description="Metric the trials report and the search optimises.")
     mode: Literal["max", "min"] = "max"
-    num_samples: int = Field(8, description="Trials to sample (times the grid size); -1: until time_budget_s.")
+    num_samples: int = Field(8, le=MAX_TRIALS,
+                             description="Trials to sample (times the grid size); -1: until time_budget_s.")
     time_budget_s: float | None = Field(None, gt=0, description="Stop the whole sweep after this many seconds.")
     stop_at: float | None = Field(None, description="Stop the sweep once a trial reaches this metric value.")
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
     failures: FailuresConfig = Field(default_factory=FailuresConfig)
     estimate: EstimateConfig = Field(default_factory=EstimateConfig)
-    mlflow_experiment: str | None = Field(None, description="MLflow experiment; default 'convtune-<name>'.")
+    mlflow_experiment: str | None = Field(None, min_length=1, max_length=MLFLOW_MAX_EXPERIMENT_NAME,
+                                          description="MLflow experiment; default 'convtune-<name>'.")
     register_model: str | None = Field(
         None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$",
         description="MLflow Model Registry name: when the sweep finishes, the best trial's weights are logged as "
@@ -443,7 +447,23 @@ def grid_points(spec: SweepSpec) -> list[dict[str, Any]]:
 
 
 def _grid_size(spec: SweepSpec) -> int:
-    return max(len(grid_points(spec)), 1)
+    """``len(grid_points(spec))`` (at least 1) without building the grid: the product of the unconditional grid
+    parameters' value counts, times, per assignment of the parameters that conditions read, the value counts
+    of the conditional parameters active there. Past MAX_TRIALS the unconditional product is returned: it is
+    a lower bound, and enough to refuse the spec."""
+    names = [n for n in spec.ordered_params() if n in set(spec.grid_params())]
+    unconditional = [n for n in names if not spec.space[n].when]
+    conditional = [n for n in names if spec.space[n].when]
+    size = math.prod(len(spec.space[n].values) for n in unconditional)
+    if not conditional or size > MAX_TRIALS:
+        return max(size, 1)
+    read = [n for n in unconditional if any(n in spec.space[c].when for c in conditional)]
+    rest = math.prod(len(spec.space[n].values) for n in unconditional if n not in read)
+    total = 0
+    for combo in itertools.product(*(spec.space[n].values for n in read)):
+        point = dict(zip(read, combo, strict=True))
+        total += math.prod(len(spec.space[c].values) if spec.is_active(c, point) else 1 for c in conditional)
+    return max(total * rest, 1)
 
 
 def count_trials(spec: SweepSpec) -> int | None:
@@ -494,22 +514,27 @@ def load_spec(source: str | Path | Mapping[str, Any]) -> SweepSpec:
 def _read(source: str | Path | Mapping[str, Any]) -> Any:
     if isinstance(source, Mapping):
         return dict(source)
-    text = None
     if isinstance(source, Path) or (isinstance(source, str) and "\n" not in source and len(source) < 4096
                                     and Path(source).suffix.lower() in {".yaml", ".yml", ".json"}):
         path = Path(source)
         if not path.is_file():
             raise _field_error("<file>", f"no such spec file: {path}")
-        text = path.read_text()
+        data = load_spec_text(path.read_bytes(), "json" if path.suffix.lower() == ".json" else "yaml")
     else:
         text = str(source)
-    try:
-        data = yaml.safe_load(text)  # YAML is a superset of JSON
-    except yaml.YAMLError as exc:
-        raise _field_error("<document>", f"not valid YAML/JSON: {exc}") from None
+        data = load_spec_text(text, "json" if text.lstrip().startswith(("{", "[")) and _is_json(text) else "yaml")
     if not isinstance(data, dict):
         raise _field_error("<document>", f"a spec is a mapping of sections, got {type(data).__name__}")
     return data
+
+
+def _is_json(text: str) -> bool:
+    """Whether ``text`` parses as JSON (else it is read as YAML, e.g. a flow mapping ``{a: 1}``)."""
+    try:
+        json.loads(text, parse_int=lambda s: 0, parse_constant=lambda s: 0)
+    except (ValueError, RecursionError):
+        return False
+    return True
 
 
 def _pydantic_error(error: Mapping[str, Any]) -> dict[str, str]:
@@ -540,6 +565,17 @@ def _finetune_errors(spec: SweepSpec) -> list[dict[str, str]]:
     if base_err:
         return [{"field": f"base.{loc}" if loc else "base", "message": msg} for loc, msg in base_err]
     for name, dom in spec.space.items():
+        for ref, wanted in (dom.when or {}).items():
+            if ref in spec.space or ref not in _finetune_fields():
+                continue  # searched parameters are checked with the spec's structure
+            for value in wanted if isinstance(wanted, list) else [wanted]:
+                if not isinstance(value, (str, int, float, bool)) or value is None:
+                    errors.append({"field": f"space.{name}.when.{ref}", "message": f"{value!r}: a condition "
+                                   "compares with plain values (strings, numbers, booleans)"})
+                    continue
+                for _, msg in _try_finetune(spec, {ref: value}):
+                    errors.append({"field": f"space.{name}.when.{ref}",
+                                   "message": f"{value!r} is not a valid {ref}: {msg}"})
         activating = {ref: (w[0] if isinstance(w, list) else w) for ref, w in (dom.when or {}).items()}
         for sub, value in dom.values_for_validation():
             for loc, msg in _try_finetune(spec, _with_activated(spec, {**activating, name: value})):
