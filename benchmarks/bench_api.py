@@ -98,7 +98,7 @@ def measure_submits(url: str, n_new: int, n_replays: int, clients: int) -> dict:
             resp.raise_for_status()
             ids.append((resp.json()["id"], resp.request.headers["Idempotency-Key"]))
         for sweep_id, _ in ids:
-            http.post(f"/v1/sweeps/{sweep_id}/cancel")
+            http.post(f"/v1/sweeps/{sweep_id}/cancel", headers={"Content-Type": "application/json"})
     key = ids[0][1]
     replay = asyncio.run(load(url, lambda: ("POST", "/v1/sweeps", {"json": spec, "headers": {
         "Idempotency-Key": key}}), clients, max(1, n_replays // clients)))
@@ -154,7 +154,7 @@ def main(argv=None) -> int:
             results["while_training"] = measure_reads(url, ids, args.clients, args.requests)
             still = http.get(f"/v1/sweeps/{training}").json()
             results["while_training"]["trials_running_at_end"] = still["progress"]["running"]
-            http.post(f"/v1/sweeps/{training}/cancel")
+            http.post(f"/v1/sweeps/{training}/cancel", headers={"Content-Type": "application/json"})
         for endpoint in ("GET /v1/sweeps/{id}", "GET /v1/sweeps"):
             idle, busy = results["idle"][endpoint], results["while_training"][endpoint]
             results.setdefault("ratio_training_vs_idle", {})[endpoint] = {

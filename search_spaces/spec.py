@@ -19,7 +19,7 @@ from typing import Annotated, Any, ClassVar, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from search_spaces.loading import SpecError, load_spec_text
+from search_spaces.loading import SpecError, check_plain_data, load_spec_text
 
 #: Keys of a trial's Tune config that are not finetune fields.
 GRID_KEY = "grid_point"
@@ -508,6 +508,7 @@ def load_spec(source: str | Path | Mapping[str, Any]) -> SweepSpec:
     errors = _finetune_errors(spec)
     if errors:
         raise SpecError(errors)
+    check_plain_data(spec.model_dump())  # what is stored: pydantic turns the string "Infinity" into inf
     return spec
 
 

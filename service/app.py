@@ -1,6 +1,7 @@
 """The FastAPI application: ``create_app(settings)`` wires settings, storage, job control and routes.
 
-Run it with ``convtune serve`` (or ``uvicorn --factory service.app:create_app``).
+Run it with ``convtune serve`` (or ``uvicorn --factory service.app:create_app``; without
+``CONVTUNE_API_TOKENS`` it then still serves loopback clients only, whatever ``--host`` says).
 """
 
 from __future__ import annotations
@@ -14,13 +15,14 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from service.api.routes import health, search_spaces, sweeps
 from service.db import Database
 from service.jobs import JobControl, RayUnavailable
 from service.mlflow_reader import MlflowReader, MlflowUnavailable
-from service.settings import Settings, get_settings
-from service.specs import SpecError
+from service.settings import Settings, get_settings, is_loopback
+from service.specs import YAML_TYPES, SpecError
 from service.sweeps import Conflict, JobRejected, SweepNotFound, SweepService
 
 log = logging.getLogger("convtune.service")
@@ -36,7 +38,9 @@ class BodySizeLimit:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
+        if declared is not None and not declared.isdigit():
+            return await _send_error(send, 400, "Content-Length must be a decimal number of bytes")
+        if declared is not None and int(declared) > self.max_bytes:
             return await self._reject(send)
         chunks, size = [], 0
         while True:  # read the (small) body up front so a chunked upload is bounded too
@@ -63,9 +67,51 @@ class BodySizeLimit:
         return await self.app(scope, replay, send)
 
     async def _reject(self, send):
-        response = JSONResponse({"detail": f"request body larger than {self.max_bytes} bytes", "errors": []},
-                                status_code=413)
-        await response({"type": "http"}, None, send)
+        await _send_error(send, 413, f"request body larger than {self.max_bytes} bytes")
+
+
+async def _send_error(send, status: int, detail: str) -> None:
+    await JSONResponse({"detail": detail, "errors": []}, status_code=status)({"type": "http"}, None, send)
+
+
+STATE_CHANGING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+BODY_TYPES = ("application/json", "text/json", *YAML_TYPES)
+
+
+class RequestGuard:
+    """What keeps the API from being open by accident (pure ASGI, before any handler):
+
+    * auth off: only loopback clients are served, whatever address the server was bound to
+      (``uvicorn --host 0.0.0.0`` included);
+    * state-changing requests need a JSON or YAML content type (a browser cannot send one cross-site
+      without a CORS preflight) and, when they carry an Origin, the API's own or an allowed one.
+    """
+
+    def __init__(self, app, settings: Settings):
+        self.app, self.settings = app, settings
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        client = scope.get("client")
+        if not self.settings.auth_enabled and client and not is_loopback(client[0]):
+            return await _send_error(send, 403, "this API has no tokens configured and serves loopback clients "
+                                     "only; set CONVTUNE_API_TOKENS to serve the network")
+        if scope["method"] in STATE_CHANGING:
+            headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers") or []}
+            media = headers.get("content-type", "").split(";")[0].strip().lower()
+            if media not in BODY_TYPES and not media.endswith("+json"):
+                return await _send_error(send, 415, f"{scope['method']} needs Content-Type: application/json (or "
+                                         f"application/yaml for specs), got {media or 'none'}")
+            origin = headers.get("origin")
+            if origin is not None and not self._allowed_origin(origin, headers.get("host", ""), scope):
+                return await _send_error(send, 403, f"requests from origin {origin} are refused; add it to "
+                                         "CONVTUNE_ALLOWED_ORIGINS to allow it")
+        return await self.app(scope, receive, send)
+
+    def _allowed_origin(self, origin: str, host: str, scope) -> bool:
+        own = f"{scope.get('scheme', 'http')}://{host}"
+        return origin.rstrip("/") in {own, *(o.rstrip("/") for o in self.settings.allowed_origins)}
 
 
 def _error(status: int, detail: str, errors: list | None = None, headers: dict | None = None):
@@ -172,5 +218,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for module in (health, sweeps, search_spaces):
         app.include_router(module.router)
     app.openapi = _openapi(app)
+    # outermost last: host check, then loopback/content-type/origin, then the body limit
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestGuard, settings=settings)
+    app.add_middleware(TrustedHostMiddleware, allowed_hosts=settings.trusted_hosts)
     return app

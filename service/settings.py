@@ -81,11 +81,23 @@ class Settings(BaseSettings):
     job_python: str = Field(sys.executable, description="Interpreter that runs the sweep driver on the Ray head.")
     job_stop_wait_s: int = Field(60, ge=1, description="Grace period for a cancelled driver before SIGKILL.")
     reconcile_interval_s: float = Field(5.0, gt=0, description="How often active sweeps are synced with Ray.")
+    max_trials: int = Field(1000, ge=1, le=100_000, description=(
+        "Most trials one sweep may run, for every search algorithm (num_samples x grid size)."))
+    allowed_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list, description=(
+        "Host names the API answers to (DNS-rebinding guard; '*.example.com' wildcards). Default: the "
+        "loopback names while auth is off, any host once tokens are set."))
+    allowed_origins: Annotated[list[str], NoDecode] = Field(default_factory=list, description=(
+        "Browser origins (scheme://host:port) allowed to send state-changing requests besides the API's own."))
 
     @field_validator("api_tokens", mode="before")
     @classmethod
     def _tokens(cls, value):
         return parse_api_tokens(value)
+
+    @field_validator("allowed_hosts", "allowed_origins", mode="before")
+    @classmethod
+    def _lists(cls, value):
+        return _split_list(value)
 
     @field_validator("data_roots", mode="before")
     @classmethod
@@ -108,6 +120,15 @@ class Settings(BaseSettings):
     @property
     def auth_enabled(self) -> bool:
         return bool(self.api_tokens)
+
+    @property
+    def trusted_hosts(self) -> list[str]:
+        if self.allowed_hosts:
+            return self.allowed_hosts
+        if self.auth_enabled:
+            return ["*"]
+        names = ["127.0.0.1", "localhost", "::1", "[::1]"]
+        return names if self.host in names or self.host in ("0.0.0.0", "::") else [*names, self.host]
 
     @property
     def ray_url(self) -> str:

@@ -11,8 +11,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 YAML_TYPES = ("application/yaml", "application/x-yaml", "text/yaml", "text/x-yaml")
 # keys whose string values are filesystem paths the trial will read
 PATH_KEYS = frozenset({"data_root", "data_path", "data_dir", "checkpoint", "pretrained_checkpoint",
@@ -45,21 +43,25 @@ class CheckedSpec:
 
 
 def parse_body(body: bytes, content_type: str | None) -> dict:
-    """JSON by default, YAML when the content type says so; only plain data (``yaml.safe_load``)."""
+    """JSON by default, YAML when the content type says so; plain, bounded data only
+    (:func:`search_spaces.loading.load_spec_text`: no aliases, depth and number limits)."""
+    from search_spaces import loading
+
     media = (content_type or "application/json").split(";")[0].strip().lower()
     if not body.strip():
         raise SpecError([FieldError("body", "the request body is empty; send a sweep spec", "missing")])
+    if media in YAML_TYPES:
+        fmt = "yaml"
+    elif media in ("application/json", "text/json") or media.endswith("+json"):
+        fmt = "json"
+    else:
+        raise SpecError([FieldError("content-type", f"unsupported media type {media!r}; send "
+                                    "application/json or application/yaml", "media_type")])
     try:
-        if media in YAML_TYPES:
-            data = yaml.safe_load(body)
-        elif media in ("application/json", "text/json") or media.endswith("+json"):
-            data = json.loads(body)
-        else:
-            raise SpecError([FieldError("content-type", f"unsupported media type {media!r}; send "
-                                        "application/json or application/yaml", "media_type")])
-    except (yaml.YAMLError, json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise SpecError([FieldError("body", f"not valid {'YAML' if media in YAML_TYPES else 'JSON'}: {exc}",
-                                    "parse_error")]) from exc
+        data = loading.load_spec_text(body, fmt)
+    except loading.SpecError as exc:
+        raise SpecError([FieldError(e["field"], e["message"], "parse_error") for e in exc.errors],
+                        f"the body is not an acceptable {fmt.upper()} spec") from None
     if not isinstance(data, dict):
         raise SpecError([FieldError("body", f"a sweep spec is a mapping, got {type(data).__name__}", "type_error")])
     return data
@@ -117,8 +119,9 @@ def check_path(raw: str, roots: list[Path]) -> str | None:
     return None
 
 
-def check_spec(data: dict, roots: list[Path]) -> CheckedSpec:
-    """Validate a spec mapping; raise SpecError naming every bad field."""
+def check_spec(data: dict, roots: list[Path], max_trials: int | None = None) -> CheckedSpec:
+    """Validate a spec mapping; raise SpecError naming every bad field. ``max_trials`` is the server's cap on
+    the trials of one sweep (every search algorithm)."""
     from pydantic import ValidationError
 
     from search_spaces import spec as sweep_spec
@@ -132,11 +135,16 @@ def check_spec(data: dict, roots: list[Path]) -> CheckedSpec:
         raise SpecError(field_errors(exc)) from exc
     except (ValueError, KeyError, TypeError) as exc:
         raise SpecError([FieldError("spec", str(exc))]) from exc
+    total = sweep_spec.count_trials(spec)
+    if max_trials is not None and total is not None and total > max_trials:
+        field = "num_samples" if spec.search.algorithm == "tpe" or not spec.grid_params() else "space"
+        raise SpecError([FieldError(field, f"this sweep would run {total} trials; this server runs at most "
+                                    f"{max_trials} per sweep (CONVTUNE_MAX_TRIALS): lower num_samples or shrink "
+                                    "the grid", "too_many_trials")])
     dumped = spec.model_dump(mode="json")
     _raise_path_errors(dumped, roots)
     canonical = json.dumps(dumped, sort_keys=True, separators=(",", ":"))
-    return CheckedSpec(spec, dumped, canonical, hashlib.sha256(canonical.encode()).hexdigest(),
-                       sweep_spec.count_trials(spec))
+    return CheckedSpec(spec, dumped, canonical, hashlib.sha256(canonical.encode()).hexdigest(), total)
 
 
 def _raise_path_errors(data: dict, roots: list[Path]) -> None:

@@ -27,6 +27,18 @@ def token_owner(token: str) -> str:
     return "token-" + hashlib.sha256(token.encode()).hexdigest()[:10]
 
 
+def token_scopes(settings: Settings, authorization: str | None) -> frozenset[str] | None:
+    """The scopes of the bearer token in an Authorization header value, or None when it holds no valid token."""
+    scheme, _, presented = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not presented:
+        return None
+    scopes = None
+    for token, granted in settings.api_tokens.items():  # constant-time compare against every token
+        if hmac.compare_digest(token.encode(), presented.strip().encode()):
+            scopes = granted
+    return scopes
+
+
 def require(scope: str):
     """A dependency that admits requests whose token holds ``scope``; returns the caller's name."""
 
@@ -37,10 +49,7 @@ def require(scope: str):
         if credentials is None or credentials.scheme.lower() != "bearer":
             raise HTTPException(status.HTTP_401_UNAUTHORIZED, "missing bearer token: send "
                                 "'Authorization: Bearer <token>'", headers={"WWW-Authenticate": "Bearer"})
-        scopes = None
-        for token, granted in settings.api_tokens.items():  # constant-time compare against every token
-            if hmac.compare_digest(token.encode(), credentials.credentials.encode()):
-                scopes = granted
+        scopes = token_scopes(settings, f"Bearer {credentials.credentials}")
         if scopes is None:
             raise HTTPException(status.HTTP_401_UNAUTHORIZED, "invalid bearer token",
                                 headers={"WWW-Authenticate": "Bearer"})

@@ -1,13 +1,15 @@
 """`convtune submit|status|watch|cancel|resume|logs|open`: the REST client of a running service.
 
 The API is found at --api, else $CONVTUNE_API_URL, else the stack `convtune up` started (its
-state file in the data folder), else http://127.0.0.1:8000. A token comes from --token or
-$CONVTUNE_API_TOKEN.
+state file in the data folder), else http://127.0.0.1:8000. A token comes from $CONVTUNE_API_TOKEN,
+else --token (visible to other users in `ps`), else a prompt when the API asks for one on a terminal.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import getpass
 import json
 import os
 import sys
@@ -37,15 +39,36 @@ class Api:
         self.http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
 
     def request(self, method: str, path: str, **kwargs):
-        import httpx
-
-        try:
+        if method != "GET" and "content" not in kwargs and "json" not in kwargs:
+            # the API refuses state-changing requests without a JSON/YAML content type (CSRF guard)
+            kwargs["headers"] = {"Content-Type": "application/json", **kwargs.get("headers", {})}
+        with self.transport_errors():
             resp = self.http.request(method, path, **kwargs)
-        except httpx.TransportError as exc:
-            raise ApiError(f"cannot reach the convtune API at {self.url} ({exc}); start it with `convtune up`") from exc
+            if resp.status_code == 401 and self.ask_token():
+                resp = self.http.request(method, path, **kwargs)
         if resp.status_code >= 400:
             raise ApiError(error_message(resp))
         return resp
+
+    @contextlib.contextmanager
+    def transport_errors(self):
+        """Turn a connection failure (server down, or gone mid-stream) into one ApiError line."""
+        import httpx
+
+        try:
+            yield
+        except httpx.TransportError as exc:
+            raise ApiError(f"cannot reach the convtune API at {self.url} ({type(exc).__name__}: {exc}); is it "
+                           "running? (`convtune up` starts the local stack)") from None
+
+    def ask_token(self) -> bool:
+        """Prompt for a token (not echoed) when the API wants one and none was given; False off a terminal."""
+        if "Authorization" in self.http.headers or not sys.stdin.isatty():
+            return False
+        token = getpass.getpass(f"API token for {self.url}: ").strip()
+        if token:
+            self.http.headers["Authorization"] = f"Bearer {token}"
+        return bool(token)
 
     def get(self, path: str, **kwargs):
         return self.request("GET", path, **kwargs).json()
@@ -191,10 +214,10 @@ def run_logs(args) -> int:
     if not args.follow:
         sys.stdout.write(api.request("GET", f"/v1/sweeps/{args.id}/logs", params=params).text)
         return 0
-    with api.http.stream("GET", f"/v1/sweeps/{args.id}/logs", params=params) as resp:
+    with api.transport_errors(), api.http.stream("GET", f"/v1/sweeps/{args.id}/logs", params=params) as resp:
         if resp.status_code >= 400:
             resp.read()
-            raise ApiError(f"HTTP {resp.status_code}: {resp.text}")
+            raise ApiError(error_message(resp))
         for chunk in resp.iter_text():
             sys.stdout.write(chunk)
             sys.stdout.flush()
@@ -228,7 +251,8 @@ def _handled(fn):
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--api", default=None, help="API URL (default: $CONVTUNE_API_URL, the local stack, :8000)")
-    p.add_argument("--token", default=None, help="API token (default: $CONVTUNE_API_TOKEN)")
+    p.add_argument("--token", default=None, help="API token. Prefer $CONVTUNE_API_TOKEN: a --token value is visible "
+                   "to other users in `ps`; with neither, a terminal prompts when the API asks for one")
 
 
 def register(subparsers) -> None:

@@ -111,7 +111,9 @@ def make_client(make_settings):
 
     def make(token: str | None = None, **overrides):
         app = create_app(make_settings(**overrides))
-        client = TestClient(app, headers={"Authorization": f"Bearer {token}"} if token else {})
+        # a loopback client on a loopback host name: what the exposure guards admit while auth is off
+        client = TestClient(app, base_url="http://127.0.0.1", client=("127.0.0.1", 50000),
+                            headers={"Authorization": f"Bearer {token}"} if token else {})
         client.__enter__()
         clients.append(client)
         return client
@@ -202,10 +204,11 @@ def cancel_all_jobs(ray_url: str) -> None:
 
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def helpers():
     """Plain helpers for the tests (test modules cannot import from conftest)."""
     import types
 
     return types.SimpleNamespace(wait_until=wait_until, wait_status=wait_status, free_port=free_port,
-                                 cancel_all_jobs=cancel_all_jobs, service_env=service_env, REPO=REPO)
+                                 cancel_all_jobs=cancel_all_jobs, service_env=service_env, REPO=REPO,
+                                 ApiProcess=ApiProcess)

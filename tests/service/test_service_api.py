@@ -173,9 +173,9 @@ def test_unknown_sweeps_404_and_terminal_sweeps_cannot_be_cancelled(make_client)
     assert client.get("/v1/sweeps/sw-000000000000").status_code == 404
     _store(client, 1, SweepStatus.SUCCEEDED)
     sweep_id = client.get("/v1/sweeps").json()["items"][0]["id"]
-    resp = client.post(f"/v1/sweeps/{sweep_id}/cancel")
+    resp = client.post(f"/v1/sweeps/{sweep_id}/cancel", headers={"Content-Type": "application/json"})
     assert resp.status_code == 409 and "SUCCEEDED" in resp.json()["detail"]
-    assert client.post(f"/v1/sweeps/{sweep_id}/resume").status_code == 409
+    assert client.post(f"/v1/sweeps/{sweep_id}/resume", headers={"Content-Type": "application/json"}).status_code == 409
 
 
 def test_presets_are_listed_with_their_specs(make_client):

@@ -78,7 +78,7 @@ def test_cancel_stops_cleanly_and_resume_finishes_without_retraining(
                 return done if done and len(trials) == 2 else None
 
             done = helpers.wait_until(first_trial_done, 300, "the first trial to finish", interval=1.0)
-            cancel = c.post(f"/v1/sweeps/{sweep_id}/cancel")
+            cancel = c.post(f"/v1/sweeps/{sweep_id}/cancel", headers={"Content-Type": "application/json"})
             assert cancel.status_code == 202 and cancel.json()["status"] == "STOPPING"
             stopped = helpers.wait_status(c, sweep_id, {"STOPPED"}, 180)
             assert stopped["progress"]["finished"] == 1
@@ -110,9 +110,9 @@ def test_cancel_stops_cleanly_and_resume_finishes_without_retraining(
             assert set(finished_before) == {done[0]["run_id"]}
             assert {r.info.status for r in runs} == {"FINISHED", "KILLED"}
 
-            resumed = c.post(f"/v1/sweeps/{sweep_id}/resume")
+            resumed = c.post(f"/v1/sweeps/{sweep_id}/resume", headers={"Content-Type": "application/json"})
             assert resumed.status_code == 202 and resumed.json()["attempt"] == 2
-            assert c.post(f"/v1/sweeps/{sweep_id}/resume").status_code == 409  # one attempt at a time
+            assert c.post(f"/v1/sweeps/{sweep_id}/resume", headers={"Content-Type": "application/json"}).status_code == 409  # one attempt at a time
             final = helpers.wait_status(c, sweep_id, {"SUCCEEDED"}, 300)
             assert final["progress"]["finished"] == 2
             assert c.get(f"/v1/sweeps/{sweep_id}/logs", params={"attempt": 2}).status_code == 200

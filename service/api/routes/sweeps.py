@@ -65,7 +65,7 @@ def trial_out(trial: TrialRecord) -> TrialOut:
 async def read_spec(request: Request, settings: Settings):
     body = await request.body()
     data = parse_body(body, request.headers.get("content-type"))
-    return await run_in_threadpool(check_spec, data, settings.data_roots)
+    return await run_in_threadpool(check_spec, data, settings.data_roots, settings.max_trials)
 
 
 def _get(service: SweepService, sweep_id: str):
