@@ -60,11 +60,19 @@ def parse_body(body: bytes, content_type: str | None) -> dict:
     try:
         data = loading.load_spec_text(body, fmt)
     except loading.SpecError as exc:
-        raise SpecError([FieldError(e["field"], e["message"], "parse_error") for e in exc.errors],
+        raise SpecError([_body_error(e["field"], e["message"]) for e in exc.errors],
                         f"the body is not an acceptable {fmt.upper()} spec") from None
     if not isinstance(data, dict):
         raise SpecError([FieldError("body", f"a sweep spec is a mapping, got {type(data).__name__}", "type_error")])
     return data
+
+
+def _body_error(where: str, message: str) -> FieldError:
+    """A loader error as a FieldError: spec paths stay fields, places in the text belong to ``body``."""
+    if where.startswith("<document>"):
+        place = where.removeprefix("<document>").strip()
+        return FieldError("body", f"{place}: {message}" if place else message, "parse_error")
+    return FieldError(where, message, "parse_error")
 
 
 def field_errors(exc) -> list[FieldError]:

@@ -112,7 +112,8 @@ def test_oversized_bodies_get_413(make_client, tiny_spec):
     tiny_spec["description"] = "x" * 10_000
     resp = client.post("/v1/sweeps", json=tiny_spec)
     assert resp.status_code == 413
-    chunked = client.post("/v1/sweeps", content=iter([b"{", b" " * 5000, b"}"]))
+    chunked = client.post("/v1/sweeps", content=iter([b"{", b" " * 5000, b"}"]),
+                          headers={"Content-Type": "application/json"})
     assert chunked.status_code == 413
 
 

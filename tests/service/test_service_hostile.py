@@ -123,7 +123,8 @@ def test_a_foreign_host_header_is_refused(http):
     assert http.get("/v1/sweeps", headers={"Host": "localhost"}).status_code == 200
 
 
-@pytest.mark.parametrize("media", ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data", None])
+@pytest.mark.parametrize("media", ["text/plain", "text/html", "application/x-www-form-urlencoded",
+                                   "multipart/form-data", None])
 def test_state_changing_requests_need_a_json_or_yaml_content_type(http, media):
     headers = {"Content-Type": media} if media else {}
     for path in ("/v1/sweeps", "/v1/sweeps/validate", "/v1/sweeps/some-id/cancel"):
