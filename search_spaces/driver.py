@@ -382,6 +382,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         spec = resolve_spec_source(args.spec)
+        check_spec_paths(spec)
     except SpecError as exc:
         print(exc, file=sys.stderr)
         return EXIT_SPEC
@@ -407,6 +408,17 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.result_file, "w") as f:
             f.write(payload)
     return {"finished": EXIT_OK, "interrupted": EXIT_INTERRUPTED}.get(result.status, EXIT_ERROR)
+
+
+def check_spec_paths(spec) -> None:
+    """On the node that reads the data: every path in the spec lies inside the data roots the service handed
+    over (``CONVTUNE_DATA_ROOTS``; a sweep started without the service has none, and is not restricted)."""
+    from search_spaces.paths import path_errors, roots_from_env
+
+    roots = roots_from_env()
+    errors = path_errors(spec.model_dump(mode="json"), roots) if roots else []
+    if errors:
+        raise SpecError(errors)
 
 
 def _runtime_job_id() -> str | None:

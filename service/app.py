@@ -143,7 +143,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Conflict)
     async def _conflict(_: Request, exc: Conflict):
-        return _error(409, str(exc))
+        return _error(409, str(exc), headers={"Retry-After": str(exc.retry_after)} if exc.retry_after else None)
 
     @app.exception_handler(SweepNotFound)
     async def _missing(_: Request, exc: SweepNotFound):

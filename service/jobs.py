@@ -100,6 +100,7 @@ class JobControl:
             "RAY_AUTH_MODE": "token" if self.settings.ray_auth_token else "disabled",
             "PYTHONPATH": os.pathsep.join(p for p in (str(PROJECT_ROOT), os.environ.get("PYTHONPATH", "")) if p),
             "MLFLOW_TRACKING_URI": self.settings.mlflow_tracking_uri,
+            "CONVTUNE_DATA_ROOTS": ",".join(str(p) for p in self.settings.data_roots),  # checked again there
             "PYTHONUNBUFFERED": "1",
             # the driver's ray.init adds its own runtime_env (worker env vars, setup hook): merge, don't fail
             "RAY_OVERRIDE_JOB_RUNTIME_ENV": "1",

@@ -39,6 +39,7 @@ class SweepRuns:
     parent_run_id: str | None = None
     parent_status: str | None = None
     trials: list[TrialRecord] = field(default_factory=list)
+    missing: str | None = None  # why there is nothing to show (the runs were deleted in MLflow)
 
 
 def trial_status(run) -> str:
@@ -103,11 +104,22 @@ class MlflowReader:
         cached = self._cache.get(sweep_id)
         if use_cache and cached and now - cached[0] < self.cache_ttl_s:
             return cached[1]
+        try:
+            result = self._read_runs(sweep_id, experiment_name, experiment_id, parent_run_id)
+        except LookupError as exc:  # the run or experiment was deleted in MLflow: the sweep stays readable
+            result = SweepRuns(missing=f"the sweep's MLflow runs no longer exist ({str(exc)[:200]})")
+        self._cache[sweep_id] = (now, result)
+        return result
+
+    def _read_runs(self, sweep_id: str, experiment_name: str | None, experiment_id: str | None,
+                   parent_run_id: str | None) -> SweepRuns:
         client = self._client()
         if parent_run_id:
             parent = self._guard(client.get_run, parent_run_id)
         else:
             parent = self.find_parent(sweep_id, experiment_name, experiment_id)
+        if parent is not None and parent.info.lifecycle_stage == "deleted":
+            raise LookupError(f"run {parent.info.run_id} was deleted")
         result = SweepRuns()
         if parent is not None:
             result.experiment_id = parent.info.experiment_id
@@ -131,7 +143,6 @@ class MlflowReader:
                     metrics=dict(run.data.metrics), start_time=run.info.start_time, end_time=run.info.end_time)
                 for run in children
             ]
-        self._cache[sweep_id] = (now, result)
         return result
 
     def finalize(self, sweep_id: str, runs: SweepRuns, status: str) -> int:

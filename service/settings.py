@@ -6,7 +6,11 @@ Ray's Jobs API on 8265, MLflow on 5000, the API on 8000, bound to loopback witho
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import hmac
 import ipaddress
+import os
 import sys
 from functools import lru_cache
 from pathlib import Path
@@ -29,21 +33,37 @@ def _split_list(value):
     return value
 
 
+MIN_TOKEN_LENGTH = 32
+
+
+def _split_scopes(entry: str) -> tuple[str, frozenset[str]]:
+    """``token:read+submit`` (or the older ``token=read+submit``) -> (token, scopes). A suffix counts as scopes
+    only when it names scopes, so a base64 token keeps its trailing ``=`` padding; a bare token has every scope."""
+    for sep in (":", "="):
+        token, found, suffix = entry.rpartition(sep)
+        if not found or not token:
+            continue
+        names = suffix.split("+")
+        if suffix and all(n.isalpha() for n in names):
+            unknown = sorted(set(names) - set(SCOPES))
+            if unknown:
+                raise ValueError(f"unknown scope(s) {unknown} for an API token; valid scopes: {list(SCOPES)}")
+            return token, frozenset(names)
+    return entry, frozenset(SCOPES)
+
+
 def parse_api_tokens(value) -> dict[str, frozenset[str]]:
-    """``"tok1=read+submit,tok2=read,tok3"`` -> {token: scopes}; a bare token gets every scope."""
+    """``"tok1:read+submit,tok2:read,tok3"`` -> {token: scopes}; a bare token gets every scope."""
     if isinstance(value, dict):
-        return {str(k): frozenset(v) for k, v in value.items()}
-    tokens: dict[str, frozenset[str]] = {}
-    for entry in _split_list(value) or []:
-        token, _, scopes = entry.partition("=")
-        wanted = frozenset(s for s in scopes.split("+") if s) if scopes else frozenset(SCOPES)
-        unknown = wanted - set(SCOPES)
-        if unknown:
-            raise ValueError(f"unknown scope(s) {sorted(unknown)} for an API token; valid scopes: {list(SCOPES)}")
-        if len(token) < 8:
-            raise ValueError("API tokens must be at least 8 characters long")
-        tokens[token] = wanted
-    return tokens
+        pairs = [(str(k), frozenset(v)) for k, v in value.items()]
+    else:
+        pairs = [_split_scopes(entry) for entry in _split_list(value) or []]
+    for token, _ in pairs:
+        if len(token) < MIN_TOKEN_LENGTH:
+            raise ValueError(f"CONVTUNE_API_TOKENS: every token needs at least {MIN_TOKEN_LENGTH} characters (one "
+                             f"has {len(token)}); make one with `python -c 'import secrets; "
+                             "print(secrets.token_urlsafe(32))'`")
+    return dict(pairs)
 
 
 def is_loopback(host: str) -> bool:
@@ -72,7 +92,11 @@ class Settings(BaseSettings):
     storage_path: str | None = Field(
         None, description="Ray Tune storage (shared by all Ray nodes); default <data_dir>/ray_results.")
     api_tokens: Annotated[dict[str, frozenset[str]], NoDecode] = Field(
-        default_factory=dict, description="Bearer tokens: 'tok=read+submit,tok2=read'; a bare token has all scopes.")
+        default_factory=dict, description=f"Bearer tokens of at least {MIN_TOKEN_LENGTH} characters: "
+        "'tok:read+submit,tok2:read'; a bare token has every scope.")
+    secret_key: SecretStr | None = Field(None, description=(
+        "Server secret keying the HMACs of owner names (Ray job metadata) and Idempotency-Keys; default: a "
+        "random key kept in <data_dir>/secret_key. Set it when several API processes share a database."))
     data_roots: Annotated[list[Path], NoDecode] = Field(
         default_factory=list, description="Folders specs may read data from; default <data_dir>/data.")
     host: str = Field("127.0.0.1", description="Bind address of the API.")
@@ -120,6 +144,24 @@ class Settings(BaseSettings):
     @property
     def auth_enabled(self) -> bool:
         return bool(self.api_tokens)
+
+    def owner_secret(self) -> bytes:
+        if self.secret_key is not None:
+            return self.secret_key.get_secret_value().encode()
+        path = self.data_dir / "secret_key"
+        if not path.exists():
+            import secrets
+
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with contextlib.suppress(FileExistsError):  # another process made it first: read theirs
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                with os.fdopen(fd, "w") as f:
+                    f.write(secrets.token_hex(32))
+        return path.read_text().strip().encode()
+
+    def owner_tag(self, owner: str | None) -> str:
+        """An owner name as other systems see it (Ray job metadata): an HMAC, not the name or a bare hash."""
+        return hmac.new(self.owner_secret(), (owner or "").encode(), hashlib.sha256).hexdigest()[:32]
 
     @property
     def trusted_hosts(self) -> list[str]:

@@ -6,15 +6,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 YAML_TYPES = ("application/yaml", "application/x-yaml", "text/yaml", "text/x-yaml")
-# keys whose string values are filesystem paths the trial will read
-PATH_KEYS = frozenset({"data_root", "data_path", "data_dir", "checkpoint", "pretrained_checkpoint",
-                       "finetune", "init_checkpoint", "resume_from"})
 
 
 @dataclass
@@ -84,49 +80,6 @@ def field_errors(exc) -> list[FieldError]:
     return out
 
 
-def _walk_paths(value, prefix: str = ""):
-    """Yield (field, path string) for every value under a PATH_KEYS key, lists and search values included."""
-    if isinstance(value, dict):
-        for key, item in value.items():
-            where = f"{prefix}.{key}" if prefix else str(key)
-            if key in PATH_KEYS:
-                yield from _path_values(item, where)
-            else:
-                yield from _walk_paths(item, where)
-    elif isinstance(value, list):
-        for i, item in enumerate(value):
-            yield from _walk_paths(item, f"{prefix}.{i}")
-
-
-def _path_values(value, where: str):
-    if isinstance(value, str):
-        yield where, value
-    elif isinstance(value, (list, tuple)):
-        for i, item in enumerate(value):
-            yield from _path_values(item, f"{where}.{i}")
-    elif isinstance(value, dict):  # a searched path: {type: choice, values: [...]}
-        yield from _path_values(value.get("values"), f"{where}.values")
-
-
-def check_path(raw: str, roots: list[Path]) -> str | None:
-    """The reason ``raw`` is not allowed, or None. Symlinks are resolved before the containment check."""
-    if "\x00" in raw:
-        return "contains a NUL byte"
-    if raw.startswith(("s3://", "gs://", "http://", "https://", "file:")):
-        return "only local paths inside the allowed data roots are accepted"
-    parts = Path(raw).parts
-    if ".." in parts:
-        return "must not contain '..'"
-    path = Path(os.path.expanduser(raw)) if raw.startswith("~") else Path(raw)
-    if not path.is_absolute():
-        return f"must be an absolute path inside the allowed data roots ({', '.join(map(str, roots))})"
-    resolved = path.resolve()  # follows symlinks, so a link pointing outside is caught here
-    if not any(resolved == root or resolved.is_relative_to(root) for root in roots):
-        return (f"resolves to {resolved}, outside the allowed data roots ({', '.join(map(str, roots))}); "
-                "move the data under a root or add one to CONVTUNE_DATA_ROOTS")
-    return None
-
-
 def check_spec(data: dict, roots: list[Path], max_trials: int | None = None) -> CheckedSpec:
     """Validate a spec mapping; raise SpecError naming every bad field. ``max_trials`` is the server's cap on
     the trials of one sweep (every search algorithm)."""
@@ -156,8 +109,9 @@ def check_spec(data: dict, roots: list[Path], max_trials: int | None = None) -> 
 
 
 def _raise_path_errors(data: dict, roots: list[Path]) -> None:
-    errors = [FieldError(where, reason, "path_not_allowed")
-              for where, raw in _walk_paths(data) if (reason := check_path(raw, roots))]
+    from search_spaces.paths import path_errors
+
+    errors = [FieldError(e["field"], e["message"], "path_not_allowed") for e in path_errors(data, roots)]
     if errors:
         raise SpecError(errors)
 

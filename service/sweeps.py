@@ -7,6 +7,9 @@ API workers agree, and a restart finds everything it needs in the database.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import hmac
 import json
 import logging
 import uuid
@@ -34,6 +37,7 @@ RAY_TO_SWEEP = {
 }
 # a row left SUBMITTING longer than this lost its API process between the DB write and the submit
 SUBMIT_GRACE = timedelta(seconds=30)
+CANCELLED_IN_SUBMIT = "cancelled while its job was being submitted"
 # trial statuses as the progress counts them
 PROGRESS_BUCKETS = {
     "FINISHED": "finished", "RUNNING": "running", "STOPPED_EARLY": "stopped_early",
@@ -46,7 +50,9 @@ class SweepNotFound(LookupError):
 
 
 class Conflict(RuntimeError):
-    """The action does not fit the sweep's state (answers 409)."""
+    """The action does not fit the sweep's state (answers 409, with Retry-After when set)."""
+
+    retry_after: int | None = None
 
 
 class JobRejected(RuntimeError):
@@ -108,9 +114,10 @@ class SweepService:
     # --- submit
     def submit(self, checked: CheckedSpec, *, idempotency_key: str | None, owner: str | None) -> SubmitResult:
         if idempotency_key:
+            idempotency_key = scoped_key(self.settings, owner, idempotency_key)
             existing = self._by_key(idempotency_key)
             if existing is not None:
-                return SubmitResult(self._same_spec(existing, checked), created=False)
+                return SubmitResult(self._replayed(existing, checked), created=False)
         self.require_backends()  # nothing is written unless Ray and MLflow answer
         check_fits(checked, self.jobs.cluster_resources())
         sweep_id = new_sweep_id()
@@ -126,26 +133,52 @@ class SweepService:
             existing = self._by_key(idempotency_key) if idempotency_key else None
             if existing is None:
                 raise
-            return SubmitResult(self._same_spec(existing, checked), created=False)
+            return SubmitResult(self._replayed(existing, checked), created=False)
         try:
             self._submit_job(row, resume=False)
-        except Exception:
-            with self.db.session() as s:  # nothing half-created: the row goes with the failed submit
-                s.execute(Sweep.__table__.delete().where(Sweep.id == sweep_id))
-                s.commit()
-            raise
-        return SubmitResult(self._set_status(sweep_id, SweepStatus.PENDING, expect=[SweepStatus.SUBMITTING])
-                            or self.get(sweep_id), created=True)
+        except Exception as exc:
+            if not self._job_exists_after_failed_submit(row, exc):
+                with self.db.session() as s:  # nothing half-created: the row goes with the failed submit
+                    s.execute(Sweep.__table__.delete().where(Sweep.id == sweep_id))
+                    s.commit()
+                raise
+        pending = self._set_status(sweep_id, SweepStatus.PENDING, expect=[SweepStatus.SUBMITTING])
+        if pending is None:  # cancelled while its job was being submitted: stop the job it now has
+            with contextlib.suppress(JobNotFound, RayUnavailable):
+                self.jobs.stop(row.ray_job_id)
+        return SubmitResult(pending or self.get(sweep_id), created=True)
+
+    def _job_exists_after_failed_submit(self, row: Sweep, exc: Exception) -> bool:
+        """A submit can fail after Ray accepted the job (a timeout on the answer): ask Ray before dropping the
+        row, so no job runs untracked. True: the job exists (the row stays). Unknown (Ray unreachable): the row
+        stays SUBMITTING for the reconciler, and the caller learns the outcome is pending."""
+        try:
+            self.jobs.state(row.ray_job_id)
+        except JobNotFound:
+            return False
+        except Exception:  # noqa: BLE001 - Ray cannot tell now: keep tracking the sweep rather than lose a job
+            log.warning("sweep %s: submit failed (%s) and Ray cannot say whether the job exists; the "
+                        "reconciler will finish the submission", row.id, exc)
+            raise RayUnavailable(f"the submission of sweep {row.id} failed ({exc}) and Ray cannot say yet whether "
+                                 f"the job started; the sweep is tracked as {row.id} and will be reconciled") from exc
+        log.warning("sweep %s: submit raised %s but Ray has the job; tracking it", row.id, exc)
+        return True
 
     def _by_key(self, key: str) -> Sweep | None:
         with self.db.session() as s:
             return s.scalar(select(Sweep).where(Sweep.idempotency_key == key))
 
     @staticmethod
-    def _same_spec(existing: Sweep, checked: CheckedSpec) -> Sweep:
+    def _replayed(existing: Sweep, checked: CheckedSpec) -> Sweep:
+        """The answer to a replayed Idempotency-Key: the same sweep, once its first submission is settled."""
         if existing.spec_hash != checked.spec_hash:
             raise Conflict(f"Idempotency-Key already used for sweep {existing.id} with a different spec; "
                            "use a new key for a new sweep")
+        if existing.status == SweepStatus.SUBMITTING and existing.attempt == 1:
+            conflict = Conflict(f"the first submission with this Idempotency-Key (sweep {existing.id}) is still in "
+                                "progress; retry in a few seconds")
+            conflict.retry_after = 2
+            raise conflict
         return existing
 
     def require_backends(self) -> None:
@@ -154,7 +187,7 @@ class SweepService:
 
     def _submit_job(self, sweep: Sweep, resume: bool) -> None:
         metadata = {"convtune_sweep_id": sweep.id, "convtune_attempt": sweep.attempt,
-                    "convtune_owner": sweep.owner or ""}
+                    "convtune_owner": self.settings.owner_tag(sweep.owner)}
         try:
             self.jobs.submit(job_id=sweep.ray_job_id, sweep_id=sweep.id, spec_json=sweep.spec_json,
                              resume=resume, metadata=metadata)
@@ -187,6 +220,12 @@ class SweepService:
                 if utcnow() - created > SUBMIT_GRACE:  # the API died mid-submit: finish what it started
                     self._submit_job(sweep, resume=sweep.attempt > 1)
                 return sweep
+            if status is SweepStatus.STOPPING and sweep.message == CANCELLED_IN_SUBMIT:
+                if utcnow() - as_utc(sweep.updated_at) <= SUBMIT_GRACE:
+                    return sweep  # the submit may still land (it stops its job then)
+                updated = self._set_status(sweep.id, SweepStatus.STOPPED, expect=[status],
+                                           message="cancelled before its job started")
+                return self._finalize(updated) if updated else self.get(sweep.id)
             updated = self._set_status(sweep.id, SweepStatus.FAILED, expect=[status], message=(
                 f"Ray no longer knows job {sweep.ray_job_id} (the cluster restarted?); "
                 f"resume it with POST /v1/sweeps/{sweep.id}/resume"))
@@ -244,7 +283,15 @@ class SweepService:
             return sweep
         if status.is_terminal:
             raise Conflict(f"sweep {sweep_id} is already {status.value}; nothing to cancel")
-        self.jobs.stop(sweep.ray_job_id)
+        try:
+            self.jobs.stop(sweep.ray_job_id)
+        except JobNotFound:
+            if status is not SweepStatus.SUBMITTING:
+                raise
+            # its job is not in Ray yet: the submit in flight stops it on arrival (it finds the row cancelled),
+            # and the reconciler ends the row STOPPED if no job ever comes
+            return self._set_status(sweep_id, SweepStatus.STOPPING, expect=[status],
+                                    message=CANCELLED_IN_SUBMIT) or self.get(sweep_id)
         return self._set_status(sweep_id, SweepStatus.STOPPING, expect=[status],
                                 message="cancel requested: the driver is saving its state") or self.get(sweep_id)
 
@@ -300,6 +347,13 @@ class SweepService:
             return None
         pick = max if mode == "max" else min
         return pick(scored, key=lambda t: t.metrics[metric])
+
+
+def scoped_key(settings: Settings, owner: str | None, key: str) -> str:
+    """An Idempotency-Key as stored: scoped to its owner (two owners may use the same key) and keyed by the
+    server secret, within the column's 200 characters."""
+    digest = hmac.new(settings.owner_secret(), f"{owner or ''}\0{key}".encode(), hashlib.sha256).hexdigest()
+    return f"k1:{digest}"
 
 
 def experiment_name(sweep: Sweep) -> str:

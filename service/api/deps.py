@@ -22,9 +22,10 @@ def get_service(request: Request) -> SweepService:
     return request.app.state.sweeps
 
 
-def token_owner(token: str) -> str:
-    """A stable, non-secret name for a token (recorded as the sweep's owner)."""
-    return "token-" + hashlib.sha256(token.encode()).hexdigest()[:10]
+def token_owner(settings: Settings, token: str) -> str:
+    """A stable, non-secret name for a token (recorded as the sweep's owner): an HMAC keyed by the server
+    secret, so it cannot be checked against guessed tokens."""
+    return "token-" + hmac.new(settings.owner_secret(), token.encode(), hashlib.sha256).hexdigest()[:32]
 
 
 def token_scopes(settings: Settings, authorization: str | None) -> frozenset[str] | None:
@@ -56,7 +57,7 @@ def require(scope: str):
         if scope not in scopes:
             raise HTTPException(status.HTTP_403_FORBIDDEN,
                                 f"this token lacks the '{scope}' scope (it has: {', '.join(sorted(scopes))})")
-        return token_owner(credentials.credentials)
+        return token_owner(settings, credentials.credentials)
 
     return check
 

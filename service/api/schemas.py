@@ -89,6 +89,7 @@ class TrialTable(BaseModel):
     metric: str
     mode: str
     trials: list[TrialOut]
+    warnings: list[str] = Field(default_factory=list)
 
 
 class Preset(BaseModel):

@@ -20,7 +20,7 @@ SCHEMAS = Path(__file__).resolve().parent / "schemas"
 DOCKERFILES = {"worker": DOCKER / "worker.Dockerfile", "service": DOCKER / "service.Dockerfile"}
 COMPOSE_FILE = DOCKER / "compose.yaml"
 # what `docker compose config` needs in the environment (the two required secrets)
-COMPOSE_TEST_ENV = {"RAY_AUTH_TOKEN": "test-ray-token-0123456789", "CONVTUNE_API_TOKENS": "test-api-token=read+submit"}
+COMPOSE_TEST_ENV = {"RAY_AUTH_TOKEN": "test-ray-token-0123456789", "CONVTUNE_API_TOKENS": "test-api-token-padded-to-32-chars:read+submit"}
 
 
 def tool(name: str) -> str:

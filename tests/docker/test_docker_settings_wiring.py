@@ -108,7 +108,7 @@ def test_kuberay_api_environment_parses(monkeypatch):
     env = {**dockerfile_env(DOCKERFILES["service"])}
     for e in container["env"]:
         # secrets get stand-in values of the documented form
-        env[e["name"]] = e.get("value") or {"CONVTUNE_API_TOKENS": "a-long-secret=read+submit"}.get(
+        env[e["name"]] = e.get("value") or {"CONVTUNE_API_TOKENS": "a-long-secret-of-at-least-32-chars:read+submit"}.get(
             e["name"], "postgresql://convtune:pw@convtune-postgres:5432/convtune"
             if e["name"] == "CONVTUNE_DATABASE_URL" else "a-ray-token")
     settings = _parse({k: v for k, v in env.items() if k.startswith(PREFIX)}, monkeypatch)

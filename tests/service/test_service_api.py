@@ -12,8 +12,8 @@ from service.models import Sweep, SweepStatus, utcnow
 
 pytestmark = pytest.mark.ray
 
-READ, SUBMIT = "reader-token-0001", "submitter-token-01"
-TOKENS = f"{READ}=read,{SUBMIT}=read+submit"
+READ, SUBMIT = "reader-token-0001-padded-to-32-chars", "submitter-token-01-padded-to-32-chr"
+TOKENS = f"{READ}:read,{SUBMIT}:read+submit"
 
 
 def test_health_needs_no_token_and_readyz_checks_everything(make_client):

@@ -15,7 +15,7 @@ from schemathesis import GenerationMode
 
 pytestmark = pytest.mark.ray
 
-TOKEN = "fuzz-token-000001"
+TOKEN = "fuzz-token-000001-padded-to-32-chars"
 
 
 @pytest.fixture

@@ -155,6 +155,8 @@ def get_sweep(
         best_record = service.best_trial(data, runs.trials)
         best = trial_out(best_record) if best_record else None
         mlflow_url = service.mlflow.run_url(settings.mlflow_url, runs.experiment_id, runs.parent_run_id)
+        if runs.missing:
+            warnings.append(runs.missing)
     except MlflowUnavailable as exc:
         warnings.append(f"trial data unavailable: {exc}")
     return SweepDetail(**summary(sweep).model_dump(), message=sweep.message, ray_job_id=sweep.ray_job_id,
@@ -174,7 +176,8 @@ def get_trials(
     data = spec_data(sweep)
     metric, mode = objective(data)
     runs = service.runs(sweep)
-    return TrialTable(sweep_id=sweep.id, metric=metric, mode=mode, trials=[trial_out(t) for t in runs.trials])
+    return TrialTable(sweep_id=sweep.id, metric=metric, mode=mode, trials=[trial_out(t) for t in runs.trials],
+                      warnings=[runs.missing] if runs.missing else [])
 
 
 @router.get("/{sweep_id}/logs", response_class=PlainTextResponse, summary="The driver's log",
