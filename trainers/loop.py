@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import os
 import random
 import shutil
 import tempfile
@@ -377,9 +378,8 @@ def train_loop_per_worker(config: dict[str, Any], *, reporter: Reporter | None =
             last = epoch + 1 == cfg.epochs
             if mlflow is not None:  # before the report: code after the last report may never run
                 mlflow.log_metrics(metrics, step=epoch + 1)
-                if last and _logs_best_model(config, mlflow):
-                    with storage.local_copy(BEST_MODEL_FILE) as path:  # once, at the end of training
-                        mlflow.log_artifact(path, "best_checkpoint")
+                if last and _logs_best_model(config, mlflow):  # once, at the end of training
+                    _log_best_model(mlflow, storage)
                 if last:
                     mlflow.finish("FINISHED")
             save = None
@@ -476,6 +476,13 @@ def _logs_best_model(config: dict[str, Any], mlflow) -> bool:
     """A run of its own (`convtune train`, which passes `log_best_model`) logs its best model to MLflow at the
     end; a sweep trial does not (the sweep driver logs and registers the sweep's best)."""
     return mlflow.owns_run or bool((config.get("mlflow") or {}).get("log_best_model"))
+
+
+def _log_best_model(mlflow, storage: RunStorage) -> None:
+    """Upload the best model as the run's `best_checkpoint/model.pt` artifact."""
+    with storage.local_copy(BEST_MODEL_FILE) as path, tempfile.TemporaryDirectory() as tmp:
+        os.symlink(path, Path(tmp) / "model.pt")  # the artifact's name, without copying a large file
+        mlflow.log_artifact(Path(tmp) / "model.pt", "best_checkpoint")
 
 
 RUN_ID_FILE = "mlflow_run_id.txt"
