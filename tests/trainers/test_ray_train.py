@@ -33,12 +33,16 @@ def test_two_cpu_workers_train_report_and_checkpoint(ray_connected, mlflow_serve
     with best.as_directory() as d:
         state = torch.load(Path(d) / TRAIN_STATE_FILE, map_location="cpu", weights_only=True)
     assert state["step"] in (2, 4) and state["config"]["model"] == "convnextv2_atto"
+    # the best model sits in the run's storage (Ray Train's storage_path/name), not in MLflow
+    assert result.metrics["best_model_path"] == str(tmp_path / "two-workers" / "best_model.pt")
+    assert (tmp_path / "two-workers" / "best_model.pt").is_file()
 
     client = MlflowClient(mlflow_server.url)
     (run,) = client.search_runs([client.get_experiment_by_name("test-ray-2w").experiment_id])
     assert run.info.status == "FINISHED"
     assert run.data.params["world_size"] == "2" and run.data.params["effective_batch"] == "32"
     assert run.data.metrics["val_top1"] == pytest.approx(result.metrics["val_top1"])
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "best_checkpoint")] == ["best_checkpoint/model.pt"]
 
 
 def test_convtune_train_cli(ray_connected, mlflow_server, tmp_path):
@@ -55,6 +59,8 @@ def test_convtune_train_cli(ray_connected, mlflow_server, tmp_path):
     (run,) = client.search_runs([client.get_experiment_by_name("test-cli-train").experiment_id])
     assert run.info.status == "FINISHED" and run.info.run_id in done.stdout
     assert (tmp_path / "cli-run").is_dir()
+    # `convtune train` logs the best model once, at the end
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "best_checkpoint")] == ["best_checkpoint/model.pt"]
 
 
 @pytest.mark.parametrize(("args", "message"), [
