@@ -3,11 +3,13 @@ end, and only for a run of its own (a sweep trial's run gets none: the sweep dri
 
 from __future__ import annotations
 
+import pytest
 import torch
 from mlflow.tracking import MlflowClient
+from pydantic import ValidationError
 
 from trainers.checkpoints import read_model_weights
-from trainers.config import FinetuneConfig
+from trainers.config import FinetuneConfig, format_validation_error
 from trainers.loop import LocalReporter, train_loop_per_worker
 
 TINY = FinetuneConfig(input_size=32, batch_size=16, steps_per_epoch_limit=2, epochs=2, warmup_epochs=0.5)
@@ -45,3 +47,13 @@ def test_own_run_logs_the_best_model_once_at_the_end(mlflow_server, tmp_path):
     assert logged["epoch"] == best["epoch"] == history[-1]["best_epoch"]
     on_disk = read_model_weights(history[-1]["best_model_path"])
     assert all(torch.equal(v, on_disk["model"][k]) for k, v in logged["model"].items())
+
+
+def test_best_metric_must_be_a_reported_metric():
+    with pytest.raises(ValidationError) as bad_name:
+        FinetuneConfig(best_metric="accuracy")
+    assert format_validation_error(bad_name.value).startswith("best_metric: unknown metric 'accuracy'; choose one "
+                                                               "of val_top1, val_top5, val_loss")
+    with pytest.raises(ValidationError, match="best_metric: ema_val_top1 needs model_ema=true and model_ema_eval"):
+        FinetuneConfig(best_metric="ema_val_top1", model_ema=True)
+    assert FinetuneConfig(best_metric="val_loss", best_mode="min").best_mode == "min"
