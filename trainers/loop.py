@@ -13,7 +13,8 @@ file into the run's storage (`RunStorage`) and reports its path as `best_model_p
 `config` holds `"finetune"` (a `FinetuneConfig` dict) and optionally `"mlflow"` (see
 trainers/mlflow_logging.py), `"cpus_per_worker"` (torch threads), `"progress_queue"` (a
 `ray.util.queue.Queue` for live progress) and, outside Ray, `"resume_from"` (a checkpoint directory) and
-`"output_dir"` (where the best model goes; default: a temporary directory removed when the run ends).
+`"output_dir"` (where the best model goes, a path or a pyarrow URI; default: a temporary directory removed
+when the run ends).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import os
 import random
 import shutil
 import tempfile
@@ -376,17 +378,17 @@ def train_loop_per_worker(config: dict[str, Any], *, reporter: Reporter | None =
                 ema_val = evaluate(ema.module, loaders.val, parts)
                 metrics.update(ema_val_top1=ema_val["top1"], ema_val_top5=ema_val["top5"],
                                ema_val_loss=ema_val["loss"])
-            improved = [tracker.update(metrics, epoch + 1) for tracker in best]
-            if improved[0] and env.rank == 0:  # best model: weights (+ EMA) and config, no optimizer state
+            for tracker in best[1:]:
+                tracker.update(metrics, epoch + 1)
+            if best[0].update(metrics, epoch + 1) and env.rank == 0:  # best model: weights (+ EMA), config
                 storage.save_best_model(model=model, ema=ema, cfg=cfg, epoch=epoch + 1, metric=best[0].metric,
                                         value=best[0].value)
             metrics.update(best_metrics(best, storage), epoch_s=time.perf_counter() - epoch_start)
             last = epoch + 1 == cfg.epochs
             if mlflow is not None:  # before the report: code after the last report may never run
                 mlflow.log_metrics(metrics, step=epoch + 1)
-                if last and _logs_best_model(config, mlflow):
-                    with storage.local_copy(BEST_MODEL_FILE) as path:  # once, at the end of training
-                        mlflow.log_artifact(path, "best_checkpoint")
+                if last and _logs_best_model(config, mlflow):  # once, at the end of training
+                    _log_best_model(mlflow, storage)
                 if last:
                     mlflow.finish("FINISHED")
             save = None
@@ -425,7 +427,8 @@ def best_metrics(best: list[Best], storage: RunStorage) -> dict[str, Any]:
 
 class RunStorage:
     """Where rank 0 keeps the best model: Ray Train's run directory (`storage_path/name` on any pyarrow
-    filesystem, so shared or cloud storage works), else `config["output_dir"]`, else a temporary directory
+    filesystem, so shared or cloud storage works), else `config["output_dir"]` (a path or a pyarrow URI such
+    as s3://bucket/run), else a temporary directory
     that lives as long as this object (plain-process runs)."""
 
     def __init__(self, filesystem, directory: str, keep_alive: Any = None):
@@ -441,8 +444,12 @@ class RunStorage:
             with contextlib.suppress(NotImplementedError):  # Train's local mode has no storage
                 storage = ray.train.get_context().get_storage()
                 return cls(storage.storage_filesystem, storage.experiment_fs_path)
-        if config.get("output_dir"):
-            return cls(pafs.LocalFileSystem(), str(Path(config["output_dir"]).expanduser().resolve()))
+        output_dir = config.get("output_dir")
+        if output_dir and "://" in output_dir:  # s3://..., gs://...: the run's storage of a sweep trial
+            filesystem, path = pafs.FileSystem.from_uri(output_dir)
+            return cls(filesystem, path)
+        if output_dir:
+            return cls(pafs.LocalFileSystem(), str(Path(output_dir).expanduser().resolve()))
         tmp = tempfile.TemporaryDirectory(prefix="convtune-run-")
         return cls(pafs.LocalFileSystem(), tmp.name, keep_alive=tmp)
 
@@ -483,6 +490,13 @@ def _logs_best_model(config: dict[str, Any], mlflow) -> bool:
     """A run of its own (`convtune train`, which passes `log_best_model`) logs its best model to MLflow at the
     end; a sweep trial does not (the sweep driver logs and registers the sweep's best)."""
     return mlflow.owns_run or bool((config.get("mlflow") or {}).get("log_best_model"))
+
+
+def _log_best_model(mlflow, storage: RunStorage) -> None:
+    """Upload the best model as the run's `best_checkpoint/model.pt` artifact."""
+    with storage.local_copy(BEST_MODEL_FILE) as path, tempfile.TemporaryDirectory() as tmp:
+        os.symlink(path, Path(tmp) / "model.pt")  # the artifact's name, without copying a large file
+        mlflow.log_artifact(Path(tmp) / "model.pt", "best_checkpoint")
 
 
 RUN_ID_FILE = "mlflow_run_id.txt"

@@ -197,7 +197,8 @@ def run_finetune(
         run_logger = RunLogger({**mlflow, "run_name": mlflow.get("run_name") or name,
                                 "tags": {"convtune.kind": "train", "convtune.train_name": name,
                                          **(mlflow.get("tags") or {})}})
-        mlflow = {**mlflow, "tracking_uri": run_logger.tracking_uri, "run_id": run_logger.run_id}
+        mlflow = {**mlflow, "tracking_uri": run_logger.tracking_uri, "run_id": run_logger.run_id,
+                  "log_best_model": True}  # rank 0 logs the best model at the end (a sweep trial does not)
 
     queue = Queue(maxsize=256, actor_options={"num_cpus": 0})
     result = FinetuneResult(name=name, storage_path=storage_path, dashboard_url=dashboard,

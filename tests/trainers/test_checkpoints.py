@@ -9,7 +9,17 @@ import pytest
 import timm
 import torch
 
-from trainers.checkpoints import CheckpointMismatchError, detect_layout, load_pretrained_weights
+from trainers.checkpoints import (
+    TRAIN_STATE_FILE,
+    Best,
+    CheckpointMismatchError,
+    detect_layout,
+    load_pretrained_weights,
+    load_training_state,
+    read_model_weights,
+    save_model_weights,
+    save_training_state,
+)
 
 
 def timm_model(name="convnextv2_atto", num_classes=10, seed=0):
@@ -124,3 +134,40 @@ def test_unrelated_state_dict_is_rejected(tmp_path):
 def test_missing_checkpoint_file_names_the_path(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.pth"):
         load_pretrained_weights(timm_model(), tmp_path / "nope.pth")
+
+
+def test_training_state_written_before_best_metric_still_resumes(tmp_path):
+    # the format before best_metric: best_val_top1 / best_epoch at the top level
+    model = timm_model()
+    optimizer = torch.optim.AdamW(model.parameters())
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": None, "model_ema": None,
+                "epoch": 3, "step": 30, "config": {}, "best_val_top1": 91.5, "best_epoch": 2},
+               tmp_path / TRAIN_STATE_FILE)
+    state = load_training_state(tmp_path, model=timm_model(seed=1), optimizer=optimizer, scaler=None, ema=None)
+    assert (state.epoch, state.step, state.best) == (3, 30, {"val_top1": (91.5, 2)})
+
+
+def test_training_state_keeps_every_tracked_best(tmp_path):
+    model = timm_model()
+    optimizer = torch.optim.AdamW(model.parameters())
+    loss, top1 = Best("val_loss", "min"), Best("val_top1", "max")
+    for epoch, metrics in enumerate([{"val_loss": 0.9, "val_top1": 50.0}, {"val_loss": 1.1, "val_top1": 60.0}], 1):
+        loss.update(metrics, epoch), top1.update(metrics, epoch)
+    save_training_state(tmp_path, model=model, optimizer=optimizer, scaler=None, ema=None, epoch=2, step=4,
+                        config={}, best=[loss, top1])
+    state = load_training_state(tmp_path, model=model, optimizer=optimizer, scaler=None, ema=None)
+    assert state.best == {"val_loss": (0.9, 1), "val_top1": (60.0, 2)}
+
+
+def test_best_model_file_holds_weights_and_config_and_loads_as_a_checkpoint(tmp_path):
+    from timm.utils import ModelEmaV3
+
+    model = timm_model(seed=7)
+    path = save_model_weights(tmp_path / "best_model.pt", model=model, ema=ModelEmaV3(model),
+                              config={"model": "convnextv2_atto", "lr": 1e-3}, epoch=4)
+    saved = read_model_weights(path)
+    assert saved["config"] == {"model": "convnextv2_atto", "lr": 1e-3} and saved["epoch"] == 4
+    assert set(saved["model_ema"]) == set(saved["model"])
+    target = timm_model(seed=8)
+    load_pretrained_weights(target, path)
+    assert all(torch.equal(v, target.state_dict()[k]) for k, v in model.state_dict().items())

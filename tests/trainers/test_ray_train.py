@@ -37,6 +37,9 @@ def test_two_cpu_workers_train_report_and_checkpoint(ray_connected, mlflow_serve
     # the reported top-1 is the checkpointed model's accuracy on the whole val set (both workers' shards)
     reported = frame.set_index("epoch")["val_top1"][state["epoch"]]
     assert reported == pytest.approx(val_top1_of(cfg, state["model"]), abs=100 / 360 + 1e-9)  # one image
+    # the best model sits in the run's storage (Ray Train's storage_path/name), not in MLflow
+    assert result.metrics["best_model_path"] == str(tmp_path / "two-workers" / "best_model.pt")
+    assert (tmp_path / "two-workers" / "best_model.pt").is_file()
 
     # the LR resolved for 2 workers (effective batch 32) reached the workers' schedule: last update k=3 of 4
     lr = 8e-3 * 32 / 256
@@ -47,6 +50,7 @@ def test_two_cpu_workers_train_report_and_checkpoint(ray_connected, mlflow_serve
     assert run.data.params["world_size"] == "2" and run.data.params["effective_batch"] == "32"
     assert float(run.data.params["resolved_lr"]) == pytest.approx(lr)
     assert run.data.metrics["val_top1"] == pytest.approx(result.metrics["val_top1"])
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "best_checkpoint")] == ["best_checkpoint/model.pt"]
 
 
 def val_top1_of(cfg: FinetuneConfig, weights: dict) -> float:
@@ -78,6 +82,8 @@ def test_convtune_train_cli(ray_connected, mlflow_server, tmp_path):
     (run,) = client.search_runs([client.get_experiment_by_name("test-cli-train").experiment_id])
     assert run.info.status == "FINISHED" and run.info.run_id in done.stdout
     assert (tmp_path / "cli-run").is_dir()
+    # `convtune train` logs the best model once, at the end
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "best_checkpoint")] == ["best_checkpoint/model.pt"]
 
 
 @pytest.mark.parametrize(("args", "message"), [
