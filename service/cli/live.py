@@ -15,6 +15,7 @@ every connection, again on each status change, last with a terminal status), `tr
 from __future__ import annotations
 
 import json
+import sys
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -102,6 +103,7 @@ class EventStream:
             except httpx.TransportError as exc:
                 last_error = f"{type(exc).__name__}: {exc}"
             if no_route:  # an API that predates the event route
+                print(f"note: {self.api.url} has no event stream; polling every {self.poll_s:g} s", file=sys.stderr)
                 yield from PolledEvents(self.api, self.sweep_id, self.poll_s)
                 return
             failures = 0 if got_event else failures + 1
@@ -312,8 +314,6 @@ def follow(events: Iterable[Event], state: WatchState, *, tty: bool, min_redraw_
 
     On a terminal the table is redrawn at most every ``min_redraw_s`` seconds, and on every status
     change or trial end."""
-    import sys
-
     out = out or sys.stdout
     if not tty:
         for event in events:
