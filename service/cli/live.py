@@ -15,6 +15,7 @@ every connection, again on each status change, last with a terminal status), `tr
 from __future__ import annotations
 
 import json
+import sys
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -57,13 +58,16 @@ class EventStream:
     """The sweep's events over HTTP, reconnecting (with `Last-Event-ID`) until its terminal `sweep` event.
 
     A dropped connection, a read timeout (no heartbeat for ``read_timeout`` s) or a 5xx is retried
-    after ``retry_s``; ``max_failures`` attempts in a row that bring no event give up with ApiError.
+    after ``retry_s``, doubling up to ``max_retry_s`` while attempts bring no event (an API restart
+    takes a while); ``max_failures`` such attempts in a row give up with ApiError. An API without the
+    event route (404 for a sweep that exists) is followed by polling instead (:class:`PolledEvents`).
     """
 
-    def __init__(self, api, sweep_id: str, *, retry_s: float = 1.0, max_failures: int = 10,
-                 read_timeout: float = 60.0, poll_s: float = 3.0):
+    def __init__(self, api, sweep_id: str, *, retry_s: float = 1.0, max_retry_s: float = 10.0,
+                 max_failures: int = 10, read_timeout: float = 60.0, poll_s: float = 3.0):
         self.api, self.sweep_id, self.poll_s = api, sweep_id, poll_s
-        self.retry_s, self.max_failures, self.read_timeout = retry_s, max_failures, read_timeout
+        self.retry_s, self.max_retry_s, self.max_failures = retry_s, max_retry_s, max_failures
+        self.read_timeout = read_timeout
         self.last_id: str | None = None
         self.reconnects: list[str] = []  # why each connection ended early
 
@@ -77,17 +81,15 @@ class EventStream:
             headers = {"Accept": "text/event-stream", "Cache-Control": "no-cache"}
             if self.last_id is not None:
                 headers["Last-Event-ID"] = self.last_id
-            got_event = False
+            got_event = no_route = False
             try:
                 with self.api.http.stream("GET", f"/v1/sweeps/{self.sweep_id}/events", headers=headers,
                                           timeout=httpx.Timeout(10.0, read=self.read_timeout)) as resp:
-                    if resp.status_code == 404 and self.last_id is None and got_sweep(self.api, self.sweep_id):
-                        yield from PolledEvents(self.api, self.sweep_id, self.poll_s)  # an API without the route
-                        return
-                    if 400 <= resp.status_code < 500:
+                    no_route = resp.status_code == 404 and self.last_id is None and got_sweep(self.api, self.sweep_id)
+                    if 400 <= resp.status_code < 500 and not no_route:
                         resp.read()
                         raise ApiError(error_message(resp))
-                    if resp.status_code >= 500:
+                    if no_route or resp.status_code >= 500:
                         last_error = f"HTTP {resp.status_code}"
                     else:
                         for event in parse_sse(resp.iter_lines()):
@@ -100,9 +102,13 @@ class EventStream:
                         last_error = "the stream ended before the sweep did"
             except httpx.TransportError as exc:
                 last_error = f"{type(exc).__name__}: {exc}"
+            if no_route:  # an API that predates the event route
+                print(f"note: {self.api.url} has no event stream; polling every {self.poll_s:g} s", file=sys.stderr)
+                yield from PolledEvents(self.api, self.sweep_id, self.poll_s)
+                return
             failures = 0 if got_event else failures + 1
             self.reconnects.append(last_error)
-            time.sleep(self.retry_s)
+            time.sleep(min(self.retry_s * 2 ** max(failures - 1, 0), self.max_retry_s))
         raise ApiError(f"lost the event stream of {self.sweep_id} ({last_error}) after {self.max_failures} "
                        f"attempts; `convtune status {self.sweep_id}` shows where it is")
 
@@ -308,8 +314,6 @@ def follow(events: Iterable[Event], state: WatchState, *, tty: bool, min_redraw_
 
     On a terminal the table is redrawn at most every ``min_redraw_s`` seconds, and on every status
     change or trial end."""
-    import sys
-
     out = out or sys.stdout
     if not tty:
         for event in events:

@@ -154,26 +154,3 @@ def test_mlflow_links_parse():
     with pytest.raises(ValueError):
         parse_mlflow_link("http://h:5000/")
 
-
-@pytest.mark.ray
-@pytest.mark.slow
-def test_a_finished_sweep_registers_its_best_trial(ray_connected, mlflow_server, tmp_path):
-    from search_spaces.driver import run_sweep
-
-    name = f"convtune-sweep-{uuid.uuid4().hex[:6]}"
-    spec = SweepSpec.model_validate({
-        "name": "reg-e2e", "base": {**TINY, "model_ema": False},
-        "space": {"blr": {"type": "choice", "values": [1e-3, 4e-3]}}, "search": {"algorithm": "grid"},
-        "scheduler": {"type": "fifo"}, "num_samples": 1, "register_model": name,
-        "resources": {"workers_per_trial": 1, "cpus_per_worker": 1, "max_concurrent_trials": 1}})
-    result = run_sweep(spec, sweep_id=f"reg-{uuid.uuid4().hex[:6]}", storage_path=str(tmp_path),
-                       mlflow_uri=mlflow_server.url)
-    assert result.status == "finished" and len(result.trials) == 2
-    client = MlflowClient(mlflow_server.url)
-    parent = client.get_run(result.mlflow_parent_run_id)
-    assert parent.info.status == "FINISHED"  # logging the model did not leave it RUNNING
-    assert parent.data.tags[TAG_NAME] == name and parent.data.tags[TAG_VERSION] == "1"
-    mv = client.get_model_version(name, "1")
-    assert mv.tags["trial_id"] == result.best["trial_id"] and mv.tags["sweep_id"] == result.sweep_id
-    assert float(mv.tags["metric_value"]) == pytest.approx(result.best["metric"])
-    assert mv.run_id == parent.info.run_id

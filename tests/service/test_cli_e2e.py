@@ -45,11 +45,16 @@ def test_submit_watch_then_export_the_registered_winner(api_process, tiny_spec, 
     assert events[-1].startswith(f"sweep {sweep_id} SUCCEEDED  best: {trial_id}  val_top1=")
     assert " lr=" in events[-1] and "optimizer=" not in events[-1]
 
+    # the driver registered the winner: parent run tagged (and ended FINISHED), version tagged
     client = MlflowClient(mlflow_server.url)
-    parent_tags = client.search_runs([client.get_experiment_by_name("convtune-tiny").experiment_id],
-                                     f"tags.`convtune.sweep_id` = '{sweep_id}' and tags.`convtune.kind` = 'sweep'"
-                                     )[0].data.tags
-    assert parent_tags["registered_model_name"] == name and parent_tags["registered_model_version"] == "1"
+    parent = client.search_runs([client.get_experiment_by_name("convtune-tiny").experiment_id],
+                                f"tags.`convtune.sweep_id` = '{sweep_id}' and tags.`convtune.kind` = 'sweep'")[0]
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["registered_model_name"] == name and parent.data.tags["registered_model_version"] == "1"
+    version = client.get_model_version(name, "1")
+    assert version.run_id == parent.info.run_id
+    assert version.tags["sweep_id"] == sweep_id and version.tags["trial_id"] == trial_id
+    assert float(version.tags["metric_value"]) == pytest.approx(float(parent.data.metrics["best_val_top1"]))
 
     out_dir = tmp_path / "best"
     exported = convtune("export", sweep_id, "--to", str(out_dir), env=env)

@@ -218,7 +218,9 @@ def test_watch_falls_back_to_polling_an_api_without_the_event_route(capsys):
     with ScriptedServer([], polled={SWEEP: detail, "trials": trials}) as server:
         code = main(["watch", SWEEP, "--api", server.url])
     assert code == 0 and server.requests == []  # the event route answered 404 (not recorded)
-    assert capsys.readouterr().out.splitlines() == [
+    captured = capsys.readouterr()
+    assert f"note: {server.url} has no event stream; polling every 3 s" in captured.err
+    assert captured.out.splitlines() == [
         "trial t2 started  blr=0.004  layer_decay=0.9",
         "trial t2 epoch 2  val_top1=91.25",
         "trial t2 completed after epoch 2  best val_top1=91.25",
