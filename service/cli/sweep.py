@@ -82,8 +82,8 @@ def run_sweep_command(args: argparse.Namespace) -> int:
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     from search_spaces.driver import SweepNotFoundError, ensure_ray, run_sweep
-    from trainers.data import DataError
     from search_spaces.progress import LiveTable
+    from trainers.data import DataError
     from trainers.mlflow_logging import absolute_tracking_uri
 
     sweep_id = args.resume or args.sweep_id or f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
