@@ -183,8 +183,11 @@ def run_sweep(spec: SweepSpec, *, sweep_id: str, storage_path: str, mlflow_uri: 
 
     from search_spaces.tracking import SweepTracking, TrialRunCallback
     from search_spaces.tune_search import TargetStopper, build_param_space, build_scheduler, build_search_alg
+    from trainers.data import check_data
 
     started = time.monotonic()
+    # bad data (every unreadable image), batch or schedule: one message before Ray, MLflow or state
+    check_data(trial_finetune(spec, {}), world_size=spec.resources.workers_per_trial)
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune's own console table off (verbose=0): ours or none
     storage_path = storage_path if "://" in storage_path else os.path.abspath(os.path.expanduser(storage_path))
     ensure_ray()
@@ -196,9 +199,6 @@ def run_sweep(spec: SweepSpec, *, sweep_id: str, storage_path: str, mlflow_uri: 
     if resume and not restoring:
         raise SweepNotFoundError(f"no saved sweep {sweep_id!r} under {storage_path}; run it without --resume")
 
-    from trainers.data import check_data
-
-    check_data(trial_finetune(spec, {}), world_size=spec.resources.workers_per_trial)  # bad data: one message
     tracking = SweepTracking(mlflow_uri, spec, sweep_id, ray_job_id)
     tracking.open_parent(resume=restoring)
     trial_runs = TrialRunCallback(tracking, spec.metric, spec.mode, spec.scheduler_max_epochs())

@@ -213,6 +213,8 @@ def check_data(cfg: FinetuneConfig, *, world_size: int = 1) -> int:
     if cfg.dataset == "imagefolder":
         check_imagefolder(cfg.data_root, cfg.num_classes)
         train_images = check_images(cfg.data_root, skip_bad=cfg.skip_bad_images).counts["train"]
+    elif cfg.dataset == "synthetic":
+        train_images = cfg.synthetic_samples  # without building the image pool
     else:
         train_images = len(build_datasets(cfg)[0])
     updates = updates_per_epoch(cfg, train_images, world_size)

@@ -187,3 +187,20 @@ def test_convtune_train_reports_unreadable_images_as_one_message(tmp_path):
     assert done.returncode == 2, done.stderr
     assert "2 unreadable image(s)" in done.stderr and all(str(p) in done.stderr for p in bad)
     assert "Traceback" not in done.stderr and "Ray" not in done.stderr
+
+
+def test_sweep_driver_checks_the_data_before_starting_anything(tmp_path):
+    """`run_sweep` (the Ray job's entrypoint and `convtune sweep`) runs check_data first: no Ray, no MLflow run."""
+    from search_spaces.driver import run_sweep
+    from search_spaces.spec import load_spec
+
+    root = make_imagefolder(tmp_path / "data")
+    bad = break_images(root)
+    spec = load_spec({"name": "bad-data", "base": {"dataset": "imagefolder", "data_root": str(root), "num_classes": 3,
+                                                   "batch_size": 4},
+                      "space": {"blr": {"type": "choice", "values": [1e-3, 2e-3]}}})
+    with pytest.raises(DataError, match=r"2 unreadable image\(s\)") as info:
+        run_sweep(spec, sweep_id="bad-data", storage_path=str(tmp_path / "state"),
+                  mlflow_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert all(str(p) in str(info.value) for p in bad)
+    assert not (tmp_path / "state").exists() and not (tmp_path / "mlflow.db").exists()
