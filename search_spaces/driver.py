@@ -86,8 +86,8 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
     res = spec.resources
     loop_config = {"finetune": finetune.model_dump(mode="json"), "mlflow": config.get("mlflow"),
                    "cpus_per_worker": max(1, int(res.cpus_per_worker))}
-    if not res.uses_train:
-        return _train_in_process(loop_config)
+    if not res.uses_train:  # the best-model file must outlive the trial process: keep it in the Train storage
+        return _train_in_process({**loop_config, "output_dir": _join(ctx.train_storage, f"{ctx.sweep_id}-{trial_id}")})
 
     from ray.tune.integration.ray_train import TuneReportCallback
 

@@ -264,8 +264,10 @@ class SweepSpec(BaseModel):
     space: dict[str, Domain] = Field(description="Parameter (a FinetuneConfig field) -> domain.")
     search: SearchConfig = Field(default_factory=SearchConfig)
     scheduler: SchedulerConfig = Field(default_factory=lambda: AshaScheduler(type="asha"))
-    metric: str = Field("val_top1", description="Metric the trials report and the search optimises.")
-    mode: Literal["max", "min"] = "max"
+    metric: str = Field("val_top1", description="Metric the trials report and the search optimises (val_top1, "
+                        "val_top5, val_loss, train_loss, or their ema_ forms with model_ema_eval).")
+    mode: Literal["max", "min"] = Field("max", description="Whether a higher metric is better; default: min for "
+                                        "a *_loss metric, else max.")
     num_samples: int = Field(8, le=MAX_TRIALS,
                              description="Trials to sample (times the grid size); -1: until time_budget_s.")
     time_budget_s: float | None = Field(None, gt=0, description="Stop the whole sweep after this many seconds.")
@@ -280,6 +282,13 @@ class SweepSpec(BaseModel):
         description="MLflow Model Registry name: when the sweep finishes, the best trial's weights are logged as "
                     "an MLflow PyTorch model in the sweep's run and registered as a new version of this name "
                     "(letters, digits, '_', '.', '-'; needs a database-backed MLflow store).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _mode_from_metric(cls, data):
+        if isinstance(data, dict) and "mode" not in data and isinstance(data.get("metric"), str):
+            data = {**data, "mode": "min" if data["metric"].endswith("loss") else "max"}
+        return data
 
     @field_validator("num_samples")
     @classmethod
@@ -488,7 +497,9 @@ def trial_finetune(spec: SweepSpec, params: Mapping[str, Any]):
     """The FinetuneConfig a trial with ``params`` trains (base overridden by the active params)."""
     from trainers.config import FinetuneConfig
 
-    return FinetuneConfig(**{**spec.base, **{k: v for k, v in params.items() if v is not None}})
+    # the trial's best model (and Ray Train's checkpoint ranking) follow the sweep's objective
+    objective = {"best_metric": spec.metric, "best_mode": spec.mode}
+    return FinetuneConfig(**{**objective, **spec.base, **{k: v for k, v in params.items() if v is not None}})
 
 
 # ------------------------------------------------------------------------------------------- loading
@@ -564,7 +575,9 @@ def _finetune_errors(spec: SweepSpec) -> list[dict[str, str]]:
     errors: list[dict[str, str]] = []
     base_err = _try_finetune(spec, {})
     if base_err:
-        return [{"field": f"base.{loc}" if loc else "base", "message": msg} for loc, msg in base_err]
+        objective = {"best_metric": "metric", "best_mode": "mode"}  # set from the spec's metric and mode
+        return [{"field": objective.get(loc) or (f"base.{loc}" if loc else "base"), "message": msg}
+                for loc, msg in base_err]
     for name, dom in spec.space.items():
         for ref, wanted in (dom.when or {}).items():
             if ref in spec.space or ref not in _finetune_fields():

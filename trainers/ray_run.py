@@ -74,6 +74,7 @@ def build_torch_trainer(
     else:
         FinetuneConfig.model_validate(config["finetune"])  # fail here, not on every worker
         config = {**config, "cpus_per_worker": cpus_per_worker}
+    cfg = FinetuneConfig.model_validate(config["finetune"])
     resources = {"CPU": cpus_per_worker}
     if use_gpu:
         resources["GPU"] = gpus_per_worker or 1
@@ -90,8 +91,8 @@ def build_torch_trainer(
             failure_config=ray.train.FailureConfig(max_failures=max_failures,
                                                    controller_failure_limit=controller_failure_limit),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=num_to_keep,
-                                                         checkpoint_score_attribute=SCORE_ATTR,
-                                                         checkpoint_score_order="max"),
+                                                         checkpoint_score_attribute=cfg.best_metric,
+                                                         checkpoint_score_order=cfg.best_mode),
             worker_runtime_env={"env_vars": {**WORKER_ENV, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}},
         ),
     )
@@ -252,7 +253,8 @@ def run_finetune(
         best = max(result.history, key=lambda m: m.get(SCORE_ATTR, float("-inf")))
         result.best_val_top1, result.best_epoch = best.get(SCORE_ATTR), best.get("epoch")
         result.best_checkpoint = best.get("checkpoint_path")
-    best_ckpt = train_result.get_best_checkpoint(SCORE_ATTR, "max") if train_result.best_checkpoints else None
+    best_ckpt = (train_result.get_best_checkpoint(cfg.best_metric, cfg.best_mode)
+                 if train_result.best_checkpoints else None)
     if best_ckpt is not None:
         result.best_checkpoint = best_ckpt.path
     return result

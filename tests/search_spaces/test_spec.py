@@ -239,3 +239,27 @@ def test_dry_run_shows_warm_start_points_first():
     s = load_spec(spec(search={"algorithm": "random", "points_to_evaluate": [{"blr": 1e-3, "layer_decay": 0.8,
                                                                               "schedule": "cosine"}]}))
     assert dry_run(s)["samples"][0] == {"blr": 1e-3, "layer_decay": 0.8, "schedule": "cosine"}
+
+
+def test_metric_is_checked_against_what_the_loop_reports_and_mode_follows_it():
+    base = {"name": "m", "base": {"model": "convnextv2_atto"},
+            "space": {"blr": {"type": "loguniform", "low": 1e-4, "high": 1e-2}}}
+    with pytest.raises(SpecError) as exc:
+        load_spec({**base, "metric": "val_acc"})
+    assert exc.value.errors[0]["field"] == "metric" and "val_top1" in exc.value.errors[0]["message"]
+    assert load_spec({**base, "metric": "val_loss"}).mode == "min"
+    assert load_spec({**base, "metric": "val_top5"}).mode == "max"
+    assert load_spec({**base, "metric": "val_loss", "mode": "max"}).mode == "max"  # an explicit mode wins
+
+
+def test_trials_rank_their_best_model_and_checkpoints_by_the_sweep_metric():
+    from search_spaces.spec import trial_finetune
+    from trainers.ray_run import build_torch_trainer
+
+    spec = load_spec({"name": "m", "base": {"model": "convnextv2_atto"}, "metric": "val_loss",
+                      "space": {"blr": {"type": "loguniform", "low": 1e-4, "high": 1e-2}}})
+    cfg = trial_finetune(spec, {"blr": 1e-3})
+    assert (cfg.best_metric, cfg.best_mode) == ("val_loss", "min")
+    trainer = build_torch_trainer(cfg, name="rank", storage_path="/tmp/convtune-rank-test")
+    ckpt = trainer.run_config.checkpoint_config
+    assert (ckpt.checkpoint_score_attribute, ckpt.checkpoint_score_order) == ("val_loss", "min")
