@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
@@ -62,6 +63,13 @@ class _Domain(BaseModel):
         """(sub-field, value) pairs that stand for the whole domain when checked against FinetuneConfig."""
         return [("low", self.low), ("high", self.high)]
 
+    def contains(self, value: Any) -> bool:
+        """Whether ``value`` is one this domain can produce (warm-start points are checked with it)."""
+        return _is_number(value) and self.low <= value <= self.high
+
+    def describe(self) -> str:
+        return f"[{self.low}, {self.high}]"
+
 
 class _Range(_Domain):
     low: float
@@ -99,10 +107,29 @@ class Uniform(_Range):
 
 
 class QUniform(_Range):
-    """A float sampled uniformly between ``low`` and ``high`` and rounded to a multiple of ``q``."""
+    """A float sampled uniformly between ``low`` and ``high`` and rounded to a multiple of ``q``.
+
+    ``low`` and ``high`` must be multiples of ``q``: Ray quantizes from 0 and Optuna from ``low``, and the
+    two agree exactly then (and Ray rejects other bounds).
+    """
 
     type: Literal["quniform"]
     q: float = Field(gt=0)
+
+    @model_validator(mode="after")
+    def _bounds_on_the_grid(self):
+        off = [name for name, v in (("low", self.low), ("high", self.high)) if not _is_multiple(v, self.q)]
+        if off:
+            raise ValueError(f"{' and '.join(off)} must be multiples of q={self.q} (got low={self.low}, "
+                             f"high={self.high}); e.g. low={math.floor(self.low / self.q) * self.q:g}, "
+                             f"high={math.ceil(self.high / self.q) * self.q:g}")
+        return self
+
+    def contains(self, value: Any) -> bool:
+        return super().contains(value) and _is_multiple(value, self.q)
+
+    def describe(self) -> str:
+        return f"multiples of {self.q} in [{self.low}, {self.high}]"
 
     def sample(self, rng: np.random.Generator) -> float:
         return float(np.clip(round(rng.uniform(self.low, self.high) / self.q) * self.q, self.low, self.high))
@@ -124,6 +151,12 @@ class RandInt(_Domain):
     def sample(self, rng: np.random.Generator) -> int:
         return int(rng.integers(self.low, self.high + 1))
 
+    def contains(self, value: Any) -> bool:
+        return _is_number(value) and float(value).is_integer() and self.low <= value <= self.high
+
+    def describe(self) -> str:
+        return f"integers in [{self.low}, {self.high}]"
+
 
 class _Finite(_Domain):
     values: list[Any]
@@ -141,6 +174,12 @@ class _Finite(_Domain):
 
     def sample(self, rng: np.random.Generator) -> Any:
         return self.values[int(rng.integers(len(self.values)))]
+
+    def contains(self, value: Any) -> bool:
+        return any(value == v and type(value) is not bool or value is v for v in self.values)
+
+    def describe(self) -> str:
+        return f"one of {self.values}"
 
 
 class Choice(_Finite):
@@ -285,9 +324,13 @@ class SweepSpec(BaseModel):
 
     @model_validator(mode="before")
     @classmethod
-    def _mode_from_metric(cls, data):
-        if isinstance(data, dict) and "mode" not in data and isinstance(data.get("metric"), str):
+    def _defaults_that_depend_on_other_fields(cls, data):
+        if not isinstance(data, dict):
+            return data
+        if "mode" not in data and isinstance(data.get("metric"), str):
             data = {**data, "mode": "min" if data["metric"].endswith("loss") else "max"}
+        if "num_samples" not in data and _only_grid(data):
+            data = {**data, "num_samples": 1}  # a grid with nothing sampled: each point once
         return data
 
     @field_validator("num_samples")
@@ -340,6 +383,26 @@ class SweepSpec(BaseModel):
             if actual not in allowed:
                 return False
         return True
+
+
+def _only_grid(data: Mapping[str, Any]) -> bool:
+    """Whether a raw spec's space is all grid parameters (nothing sampled), for the num_samples default."""
+    space = data.get("space")
+    search = data.get("search") if isinstance(data.get("search"), Mapping) else {}
+    algorithm = search.get("algorithm", "random")
+    if not isinstance(space, Mapping) or not space or algorithm == "tpe":
+        return False
+    gridded = ("grid", "choice") if algorithm == "grid" else ("grid",)
+    return all(isinstance(d, Mapping) and d.get("type") in gridded for d in space.values())
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_multiple(value: float, q: float) -> bool:
+    ratio = value / q
+    return abs(ratio - round(ratio)) <= 1e-9 * max(1.0, abs(ratio))
 
 
 def _finetune_fields() -> dict[str, Any]:
@@ -416,16 +479,24 @@ def _structure_errors(spec: SweepSpec) -> list[dict[str, str]]:
             err("search.evaluated_rewards", f"needs one value per point in search.points_to_evaluate "
                 f"({len(spec.search.points_to_evaluate)}), got {len(spec.search.evaluated_rewards)}")
     for i, point in enumerate(spec.search.points_to_evaluate):
-        for key in point:
+        for key, value in point.items():
             if key not in spec.space:
                 err(f"search.points_to_evaluate[{i}].{key}", f"not a searched parameter; space has "
                     f"{', '.join(spec.space)}")
+            elif value is not None and not spec.space[key].contains(value):
+                err(f"search.points_to_evaluate[{i}].{key}", f"{value!r} is outside space.{key}: "
+                    f"{spec.space[key].describe()}")
     if not errors:
         grid = _grid_size(spec)
         n = grid * max(spec.num_samples, 1)
         if spec.search.algorithm != "tpe" and n > spec.search.max_grid_trials:
             err("search.max_grid_trials", f"the grid has {grid} combinations x num_samples {spec.num_samples} = "
                 f"{n} trials, above the cap {spec.search.max_grid_trials}; shrink the grid or raise the cap")
+    if (spec.search.algorithm != "tpe" and spec.grid_params() and not spec.sampled_params()
+            and spec.num_samples > 1):
+        err("num_samples", f"{spec.num_samples} would repeat every grid point with the same settings and seed; a "
+            "grid with nothing sampled runs each point once. To repeat with different seeds, search the seed: "
+            "space.seed: {type: grid, values: [0, 1, 2]}")
     if spec.num_samples == -1 and spec.time_budget_s is None:
         err("num_samples", "-1 (sample forever) needs time_budget_s")
     if isinstance(spec.scheduler, AshaScheduler) and spec.scheduler.grace_period > spec.scheduler_max_epochs():
@@ -507,20 +578,47 @@ def trial_finetune(spec: SweepSpec, params: Mapping[str, Any]):
 def load_spec(source: str | Path | Mapping[str, Any]) -> SweepSpec:
     """Load and fully validate a spec from a YAML/JSON file, a YAML/JSON string, or a dict.
 
-    Raises :class:`SpecError` naming every invalid field.
+    Raises :class:`SpecError` naming every invalid field: a field error does not hide the cross-section
+    checks, because the spec is validated again without the offending entries until nothing new turns up.
     """
     data = _read(source)
-    try:
-        spec = SweepSpec.model_validate(data)
-    except SpecError:
-        raise
-    except ValidationError as exc:
-        raise SpecError([_pydantic_error(e) for e in exc.errors()]) from None
-    errors = _finetune_errors(spec)
+    errors: list[dict[str, str]] = []
+    dropped: set[str] = set()
+    spec = None
+    for _ in range(6):
+        try:
+            spec = SweepSpec.model_validate(data)
+            break
+        except ValidationError as exc:
+            found = [item for e in exc.errors() for item in _pydantic_errors(e)]
+        fresh = [e for e in found if e not in errors and e["field"] not in dropped]
+        if not fresh:
+            break
+        errors += fresh
+        data = _without(data, [e["field"] for e in fresh], dropped)
+    if spec is not None:
+        errors += [e for e in _finetune_errors(spec) if e not in errors]
     if errors:
         raise SpecError(errors)
     check_plain_data(spec.model_dump())  # what is stored: pydantic turns the string "Infinity" into inf
     return spec
+
+
+def _without(data: dict[str, Any], fields: Iterable[str], dropped: set[str]) -> dict[str, Any]:
+    """``data`` without the entries the error ``fields`` point at (up to two levels: ``space.blr``,
+    ``scheduler.grace_period``, ``num_samples``), recording the containers emptied in ``dropped``."""
+    out = json.loads(json.dumps(data, default=str))
+    for field in fields:
+        parts = [p for p in re.split(r"[.\[]", field) if p and not p.endswith("]")]
+        if not parts or parts[0] not in out:
+            continue
+        top = parts[0]
+        if len(parts) > 1 and isinstance(out[top], dict):
+            out[top].pop(parts[1], None)
+            dropped.add(top)  # e.g. an emptied space must not add "name at least one parameter"
+        elif top not in ("name", "space"):
+            out.pop(top)
+    return out
 
 
 def _read(source: str | Path | Mapping[str, Any]) -> Any:
@@ -549,10 +647,15 @@ def _is_json(text: str) -> bool:
     return True
 
 
-def _pydantic_error(error: Mapping[str, Any]) -> dict[str, str]:
+def _pydantic_errors(error: Mapping[str, Any]) -> list[dict[str, str]]:
+    """One pydantic error as field errors: a SpecError raised by a model validator carries several."""
     ctx = error.get("ctx") or {}
-    if isinstance(ctx.get("error"), SpecError):  # raised by a model validator: already field-named
-        return ctx["error"].errors[0]
+    if isinstance(ctx.get("error"), SpecError):  # already field-named, every one of them
+        return list(ctx["error"].errors)
+    return [_pydantic_error(error)]
+
+
+def _pydantic_error(error: Mapping[str, Any]) -> dict[str, str]:
     loc = []
     for part in error["loc"]:
         if isinstance(part, int):

@@ -180,10 +180,10 @@ def test_grid_crosses_only_active_conditionals():
         "schedule": {"type": "grid", "values": ["cosine", "multistep"]},
         "warmup_epochs": {"type": "grid", "values": [0, 1]},
         "milestones": {"type": "grid", "values": [[1], [2]], "when": {"schedule": "multistep"}},
-    }, search={"algorithm": "grid"}, num_samples=2))
+    }, search={"algorithm": "grid"}))
     points = grid_points(s)
-    # cosine x 2 warmups + multistep x 2 warmups x 2 milestone sets
-    assert len(points) == 6 and count_trials(s) == 12
+    # cosine x 2 warmups + multistep x 2 warmups x 2 milestone sets, each point once (nothing is sampled)
+    assert len(points) == 6 and count_trials(s) == 6
     assert all(("milestones" in p) == (p["schedule"] == "multistep") for p in points)
 
 
@@ -263,3 +263,82 @@ def test_trials_rank_their_best_model_and_checkpoints_by_the_sweep_metric():
     trainer = build_torch_trainer(cfg, name="rank", storage_path="/tmp/convtune-rank-test")
     ckpt = trainer.run_config.checkpoint_config
     assert (ckpt.checkpoint_score_attribute, ckpt.checkpoint_score_order) == ("val_loss", "min")
+
+
+MINIMAL = {"name": "t", "base": {"model": "convnextv2_atto"}}
+
+
+def all_errors(data) -> list[dict[str, str]]:
+    with pytest.raises(SpecError) as exc:
+        load_spec(data)
+    return exc.value.errors
+
+
+def test_warm_start_points_are_checked_against_their_domains():
+    errors = all_errors({**MINIMAL, "base": {"model": "convnextv2_atto", "epochs": 10},
+                         "space": {"blr": {"type": "loguniform", "low": 5e-5, "high": 2e-3},
+                                          "warmup_epochs": {"type": "choice", "values": [0, 2, 5]}},
+                        "search": {"algorithm": "tpe", "points_to_evaluate": [{"blr": 0.5, "warmup_epochs": 7}]}})
+    assert [e["field"] for e in errors] == ["search.points_to_evaluate[0].blr",
+                                            "search.points_to_evaluate[0].warmup_epochs"]
+    assert "[5e-05, 0.002]" in errors[0]["message"] and "one of [0, 2, 5]" in errors[1]["message"]
+
+
+def test_quniform_bounds_must_be_multiples_of_q_and_points_must_lie_on_the_grid():
+    (error,) = all_errors({**MINIMAL, "space": {"drop_path": {"type": "quniform", "low": 0.05, "high": 0.33, "q": 0.1}}})
+    assert error["field"] == "space.drop_path" and "multiples of q=0.1" in error["message"]
+    (error,) = all_errors({**MINIMAL, "space": {"drop_path": {"type": "quniform", "low": 0.1, "high": 0.3, "q": 0.1}},
+                          "search": {"points_to_evaluate": [{"drop_path": 0.25}]}})
+    assert error["field"] == "search.points_to_evaluate[0].drop_path"
+    ok = load_spec({**MINIMAL, "space": {"drop_path": {"type": "quniform", "low": 0.1, "high": 0.3, "q": 0.1}},
+                    "search": {"points_to_evaluate": [{"drop_path": 0.2}]}})
+    rng = np.random.default_rng(0)
+    for _ in range(100):  # the dry run's sampler quantizes from 0, as Ray does; Optuna from low: the same grid
+        value = sample_params(ok, rng)["drop_path"]
+        assert 0.1 <= value <= 0.3 and abs(value / 0.1 - round(value / 0.1)) < 1e-9
+
+
+def test_a_grid_with_nothing_sampled_runs_each_point_once_and_repeats_need_a_searched_seed():
+    grid = {"blr": {"type": "grid", "values": [1e-3, 2e-3]}, "layer_decay": {"type": "grid", "values": [0.7, 0.8]}}
+    assert count_trials(load_spec({**MINIMAL, "space": grid})) == 4  # was 32: 8 repeats with the same seed
+    (error,) = all_errors({**MINIMAL, "space": grid, "num_samples": 3})
+    assert error["field"] == "num_samples" and "space.seed" in error["message"]
+    seeded = load_spec({**MINIMAL, "space": {**grid, "seed": {"type": "grid", "values": [0, 1, 2]}}})
+    assert count_trials(seeded) == 12
+    sampled = load_spec({**MINIMAL, "space": {**grid, "drop_path": {"type": "uniform", "low": 0.0, "high": 0.2}}})
+    assert sampled.num_samples == 8  # something is sampled: the usual default
+
+
+def test_every_mistake_is_reported_at_once_each_naming_its_field():
+    errors = all_errors({**MINIMAL, "base": {"model": "convnextv2_atto", "bogus": 1}, "num_samples": 0,
+                        "metric": "val_acc",
+                        "space": {"blr": {"type": "loguniform", "low": 5e-5, "high": 2e-3},
+                                  "drop_path": {"type": "uniform", "low": 0.5, "high": 0.2},
+                                  "nope": {"type": "uniform", "low": 0, "high": 1}},
+                        "search": {"points_to_evaluate": [{"blr": 0.5}]},
+                        "scheduler": {"type": "asha", "grace_period": 50}})
+    assert {e["field"] for e in errors} == {"space.drop_path", "num_samples", "base.bogus", "space.nope",
+                                            "search.points_to_evaluate[0].blr", "scheduler.grace_period",
+                                            "metric"}
+
+
+def test_grid_size_is_counted_without_building_the_grid_and_matches_it():
+    rng = np.random.default_rng(1)
+    for _ in range(30):
+        space = {"schedule": {"type": "grid", "values": ["multistep", "step", "cosine", "linear"][: rng.integers(2, 5)]},
+                 "warmup_epochs": {"type": "grid", "values": list(range(int(rng.integers(1, 4))))},
+                 "milestones": {"type": "grid", "values": [[1], [2], [3]][: rng.integers(1, 4)],
+                                "when": {"schedule": "multistep"}},
+                 "step_size": {"type": "grid", "values": [1, 2][: rng.integers(1, 3)], "when": {"schedule": "step"}}}
+        s = load_spec({**MINIMAL, "space": space, "search": {"algorithm": "grid"}})
+        assert count_trials(s) == len(grid_points(s))
+    names = ["blr", "layer_decay", "drop_path", "smoothing", "weight_decay", "reprob", "color_jitter"]
+    huge = {n: {"type": "grid", "values": [round(0.05 + 0.05 * i, 2) for i in range(10)]} for n in names}
+    (error,) = all_errors({**MINIMAL, "space": huge})  # 10**7 points: refused from the count alone
+    assert error["field"] == "search.max_grid_trials" and "10000000" in error["message"]
+
+
+def test_a_when_condition_on_a_base_setting_is_validated():
+    errors = all_errors({**MINIMAL, "space": {"warmup_epochs": {"type": "choice", "values": [0, 1],
+                                                            "when": {"optimizer": "no-such-optimizer"}}}})
+    assert errors[0]["field"] == "space.warmup_epochs.when.optimizer"
