@@ -85,7 +85,7 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
     finetune = trial_finetune(spec, trial_params(spec, config))
     res = spec.resources
     loop_config = {"finetune": finetune.model_dump(mode="json"), "mlflow": config.get("mlflow"),
-                   "cpus_per_worker": max(1, int(res.cpus_per_worker))}
+                   "cpus_per_worker": res.threads_per_worker}
     if not res.uses_train:  # the best-model file must outlive the trial process: keep it in the Train storage
         return _train_in_process({**loop_config, "output_dir": _join(ctx.train_storage, f"{ctx.sweep_id}-{trial_id}")})
 
@@ -99,7 +99,7 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
         storage_path=ctx.train_storage,
         num_workers=res.workers_per_trial,
         use_gpu=res.gpus_per_worker > 0,
-        cpus_per_worker=max(1, int(res.cpus_per_worker)),
+        cpus_per_worker=res.cpus_per_worker,  # the reservation; the workers' threads are its whole part
         gpus_per_worker=res.gpus_per_worker,
         callbacks=[TuneReportCallback()],
         max_failures=spec.failures.worker_retries,

@@ -251,7 +251,8 @@ class ResourcesConfig(BaseModel):
 
     model_config = _Strict
     workers_per_trial: int = Field(1, ge=1, description="Ray Train (DDP) workers per trial.")
-    cpus_per_worker: float = Field(1, gt=0, description="CPUs each worker reserves (its torch threads).")
+    cpus_per_worker: float = Field(1, gt=0, description="CPUs each worker reserves, fractions allowed (e.g. 0.5 to "
+                                   "pack two workers on a core); its torch threads are the whole part, at least 1.")
     gpus_per_worker: float = Field(0, ge=0, description="GPUs each worker reserves (fractions share a GPU).")
     max_concurrent_trials: int | None = Field(
         None, ge=1, description="Default: what the cluster fits, total GPUs (or CPUs) / per-trial GPUs (or CPUs).")
@@ -264,6 +265,11 @@ class ResourcesConfig(BaseModel):
     def uses_train(self) -> bool:
         """Whether trials run as Ray Train worker groups (else in the Tune trial process)."""
         return self.workers_per_trial > 1 or not self.in_process
+
+    @property
+    def threads_per_worker(self) -> int:
+        """Torch threads of a worker: the whole CPUs it reserves, at least one (the reservation is the float)."""
+        return max(1, int(self.cpus_per_worker))
 
     @property
     def cpus_per_trial(self) -> float:
@@ -362,6 +368,14 @@ class SweepSpec(BaseModel):
         return [name for name in self.space if name not in grid]
 
     def max_epochs(self) -> int:
+        """The most epochs a trial can train: the largest value a searched ``epochs`` can take, else base's."""
+        dom = self.space.get("epochs")
+        if isinstance(dom, _Finite):
+            numbers = [v for v in dom.values if _is_number(v)]
+            if numbers:
+                return int(max(numbers))
+        elif dom is not None:
+            return int(dom.high)
         return int(self.base.get("epochs") or _finetune_default("epochs"))
 
     def scheduler_max_epochs(self) -> int:
@@ -499,6 +513,10 @@ def _structure_errors(spec: SweepSpec) -> list[dict[str, str]]:
             "space.seed: {type: grid, values: [0, 1, 2]}")
     if spec.num_samples == -1 and spec.time_budget_s is None:
         err("num_samples", "-1 (sample forever) needs time_budget_s")
+    cap = getattr(spec.scheduler, "max_epochs", None)
+    if cap is not None and cap > spec.max_epochs():
+        err("scheduler.max_epochs", f"{cap} is above the most epochs a trial trains ({spec.max_epochs()}): every "
+            "trial would end before the last rung and be labelled early_stopped; leave it unset or lower it")
     if isinstance(spec.scheduler, AshaScheduler) and spec.scheduler.grace_period > spec.scheduler_max_epochs():
         err("scheduler.grace_period", f"{spec.scheduler.grace_period} is beyond max_epochs "
             f"{spec.scheduler_max_epochs()}: no trial could ever be stopped")
@@ -741,6 +759,7 @@ def cluster_capacity(cluster_resources: Mapping[str, float] | None = None,
         "CPU": float(totals.get("CPU", 0)), "GPU": float(totals.get("GPU", 0)),
         "node_CPU": max(float(n.get("CPU", 0)) for n in node_list),
         "node_GPU": max(float(n.get("GPU", 0)) for n in node_list),
+        "nodes": [{"CPU": float(n.get("CPU", 0)), "GPU": float(n.get("GPU", 0))} for n in node_list],
     }
 
 
@@ -766,12 +785,23 @@ def check_resources(spec: SweepSpec, capacity: Mapping[str, float]) -> None:
         raise SpecError(errors)
 
 
-def max_concurrent_trials(spec: SweepSpec, capacity: Mapping[str, float]) -> int:
-    """Trials that fit side by side: the spec's value, else total GPUs (or CPUs) over a trial's share."""
+def worker_slots(res: ResourcesConfig, node: Mapping[str, float]) -> int:
+    """Workers of ``res`` one node holds: the minimum over every resource a worker reserves (a worker cannot
+    span nodes)."""
+    fits = [node.get("CPU", 0.0) // res.cpus_per_worker]
+    if res.gpus_per_worker:
+        fits.append(node.get("GPU", 0.0) // res.gpus_per_worker)
+    return int(min(fits))
+
+
+def max_concurrent_trials(spec: SweepSpec, capacity: Mapping[str, Any]) -> int:
+    """Trials that fit side by side: the spec's value, else the worker slots of every node (CPUs and GPUs
+    alike) divided by the workers of one trial."""
     if spec.resources.max_concurrent_trials:
         return spec.resources.max_concurrent_trials
     res = spec.resources
-    fits = capacity["GPU"] // res.gpus_per_trial if res.gpus_per_trial else capacity["CPU"] // res.cpus_per_trial
+    nodes = capacity.get("nodes") or [{"CPU": capacity["CPU"], "GPU": capacity["GPU"]}]
+    fits = sum(worker_slots(res, node) for node in nodes) // res.workers_per_trial
     total = count_trials(spec)
     return int(max(1, min(fits, total if total else fits)))
 

@@ -219,9 +219,11 @@ class MedianWithRuns(_AssignsRuns, MedianStoppingRule):
 
 SCHEDULERS: dict[str, Callable[[SweepSpec], TrialScheduler]] = {
     "fifo": lambda spec: FifoWithRuns(),
+    # stop_last_trials=False: a trial that survives every rung ends on its own at its own epochs (a searched
+    # epochs value may be below max_t), so its Ray Train run finishes and tears down normally
     "asha": lambda spec: AshaWithRuns(time_attr="epoch", max_t=spec.scheduler_max_epochs(),
                                       grace_period=spec.scheduler.grace_period,
-                                      reduction_factor=spec.scheduler.reduction_factor),
+                                      reduction_factor=spec.scheduler.reduction_factor, stop_last_trials=False),
     "median": lambda spec: MedianWithRuns(time_attr="epoch", grace_period=spec.scheduler.grace_period,
                                           min_samples_required=spec.scheduler.min_samples_required),
 }

@@ -50,7 +50,7 @@ def build_torch_trainer(
     storage_path: str,
     num_workers: int = 1,
     use_gpu: bool = False,
-    cpus_per_worker: int = 1,
+    cpus_per_worker: float = 1,
     gpus_per_worker: float | None = None,
     callbacks: Sequence[Any] = (),
     max_failures: int = 0,
@@ -69,16 +69,17 @@ def build_torch_trainer(
 
     from trainers.loop import train_loop_per_worker
 
+    threads = max(1, int(cpus_per_worker))  # a fractional reservation still runs one thread
     if isinstance(config, FinetuneConfig) or "finetune" not in config:
-        config = train_loop_config(config, cpus_per_worker=cpus_per_worker)
+        config = train_loop_config(config, cpus_per_worker=threads)
     else:
         FinetuneConfig.model_validate(config["finetune"])  # fail here, not on every worker
-        config = {**config, "cpus_per_worker": cpus_per_worker}
+        config = {**config, "cpus_per_worker": threads}
     cfg = FinetuneConfig.model_validate(config["finetune"])
     resources = {"CPU": cpus_per_worker}
     if use_gpu:
         resources["GPU"] = gpus_per_worker or 1
-    threads = str(cpus_per_worker)
+    threads = str(threads)
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=config,

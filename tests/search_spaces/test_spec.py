@@ -342,3 +342,45 @@ def test_a_when_condition_on_a_base_setting_is_validated():
     errors = all_errors({**MINIMAL, "space": {"warmup_epochs": {"type": "choice", "values": [0, 1],
                                                             "when": {"optimizer": "no-such-optimizer"}}}})
     assert errors[0]["field"] == "space.warmup_epochs.when.optimizer"
+
+
+def test_concurrency_is_the_minimum_over_every_resource_per_node():
+    from search_spaces.spec import cluster_capacity, max_concurrent_trials
+
+    gpu = {**MINIMAL, "space": {"blr": {"type": "loguniform", "low": 1e-4, "high": 1e-2}}, "num_samples": 8,
+           "resources": {"workers_per_trial": 2, "cpus_per_worker": 8, "gpus_per_worker": 1}}
+    one_node = cluster_capacity({"CPU": 16, "GPU": 8}, [{"CPU": 16, "GPU": 8}])
+    assert max_concurrent_trials(load_spec(gpu), one_node) == 1  # was 4: 8 GPUs / 2, CPUs ignored
+    # two nodes of 12 CPUs: one 8-CPU worker each, so one 2-worker trial, though 24 CPUs / 16 looks like 1.5
+    two_nodes = cluster_capacity({"CPU": 24, "GPU": 8}, [{"CPU": 12, "GPU": 4}, {"CPU": 12, "GPU": 4}])
+    assert max_concurrent_trials(load_spec(gpu), two_nodes) == 1
+    four_nodes = cluster_capacity({"CPU": 64, "GPU": 4}, [{"CPU": 16, "GPU": 1}] * 4)
+    assert max_concurrent_trials(load_spec(gpu), four_nodes) == 2
+
+
+def test_asha_max_t_is_the_largest_searched_epochs_and_an_unreachable_last_rung_is_refused():
+    from search_spaces.tune_search import build_scheduler
+
+    searched = load_spec({**MINIMAL, "space": {"epochs": {"type": "choice", "values": [10, 20, 30]}},
+                          "scheduler": {"type": "asha", "grace_period": 3}})
+    assert searched.scheduler_max_epochs() == 30  # was 5, FinetuneConfig's default: every trial cut at 5
+    scheduler = build_scheduler(searched)
+    assert scheduler._max_t == 30 and scheduler._stop_last_trials is False
+    (error,) = all_errors({**MINIMAL, "base": {"model": "convnextv2_atto", "epochs": 10},
+                           "space": {"blr": {"type": "loguniform", "low": 1e-4, "high": 1e-2}},
+                           "scheduler": {"type": "asha", "max_epochs": 20}})
+    assert error["field"] == "scheduler.max_epochs" and "early_stopped" in error["message"]
+
+
+def test_fractional_cpus_follow_one_rule_everywhere():
+    from search_spaces.spec import cluster_capacity, max_concurrent_trials
+    from trainers.ray_run import build_torch_trainer
+
+    spec = load_spec({**MINIMAL, "space": {"blr": {"type": "loguniform", "low": 1e-4, "high": 1e-2}},
+                      "resources": {"cpus_per_worker": 0.5}})
+    assert spec.resources.threads_per_worker == 1
+    assert max_concurrent_trials(spec, cluster_capacity({"CPU": 2}, [{"CPU": 2}])) == 4
+    trainer = build_torch_trainer(trial_finetune(spec, {"blr": 1e-3}), name="frac", storage_path="/tmp/convtune-frac",
+                                  cpus_per_worker=spec.resources.cpus_per_worker)
+    assert trainer.scaling_config.resources_per_worker == {"CPU": 0.5}  # reserved as given, not max(1, int(c))
+    assert trainer.train_loop_config["cpus_per_worker"] == 1  # one torch thread
