@@ -565,10 +565,17 @@ def _grid_size(spec: SweepSpec) -> int:
 
 
 def count_trials(spec: SweepSpec) -> int | None:
-    """Trials the sweep will run (None: unbounded, until its time budget)."""
+    """Trials the sweep will run (None: unbounded, until its time budget), as Ray runs them: TPE proposes
+    num_samples in all (warm-start points included); random/grid search crosses num_samples with the grid,
+    and every warm-start point takes the place of one sample and is one trial (it fixes the grid point)."""
     if spec.num_samples == -1:
         return None
-    return spec.num_samples * (1 if spec.search.algorithm == "tpe" else _grid_size(spec))
+    if spec.search.algorithm == "tpe":
+        return spec.num_samples
+    points = len(spec.search.points_to_evaluate)
+    if not spec.grid_params():
+        return max(spec.num_samples, points)
+    return points + max(spec.num_samples - points, 0) * _grid_size(spec)
 
 
 def sample_params(spec: SweepSpec, rng: np.random.Generator, grid_point: Mapping[str, Any] | None = None) -> dict:

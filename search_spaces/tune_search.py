@@ -1,7 +1,9 @@
 """Turn a :class:`SweepSpec` into Ray Tune objects: the parameter space, the search algorithm, the scheduler.
 
 Conditional parameters: for random/grid search the grid parameters are enumerated up front (so an
-inactive one never multiplies the trials) and go into one ``grid_search`` under ``grid_point``;
+inactive one never multiplies the trials) and go into one ``grid_search`` under ``grid_point``, each point
+a canonical JSON string (a leaf value, so a warm-start point can preset it: Ray's preset lookup walks into
+dicts and fails on them);
 conditional sampled parameters are ``sample_from`` callables that return ``None`` when inactive.
 TPE uses an Optuna define-by-run space, which only suggests active parameters.
 :func:`trial_params` turns any trial config back into the flat ``{field: value}`` overrides.
@@ -55,7 +57,7 @@ class _ConditionalSample:
         values = {}
         for ref in self.spec.space[self.name].when or {}:
             if ref in grid:
-                values[ref] = (config[GRID_KEY] or {}).get(ref)
+                values[ref] = grid_values(config).get(ref)
             elif ref in self.spec.space:
                 values[ref] = config[ref]
         return self.spec.space[self.name].sample(self.rng) if self.spec.is_active(self.name, values) else None
@@ -72,8 +74,18 @@ def build_param_space(spec: SweepSpec) -> dict[str, Any]:
         space[name] = tune.sample_from(_ConditionalSample(spec, name, spec.search.seed)) if dom.when else \
             _RAY_DOMAINS[type(dom)](dom)
     if grid:
-        space[GRID_KEY] = tune.grid_search(grid_points(spec))
+        space[GRID_KEY] = tune.grid_search([encode_grid_point(p) for p in grid_points(spec)])
     return space
+
+
+def encode_grid_point(point: Mapping[str, Any]) -> str:
+    return json.dumps(point, sort_keys=True)
+
+
+def grid_values(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The grid parameters' values in a trial config (``grid_point``, a JSON string)."""
+    point = config.get(GRID_KEY)
+    return json.loads(point) if isinstance(point, str) else dict(point or {})
 
 
 def _points_for_variant_generator(spec: SweepSpec) -> list[dict[str, Any]]:
@@ -87,7 +99,7 @@ def _points_for_variant_generator(spec: SweepSpec) -> list[dict[str, Any]]:
             if match is None:
                 raise SpecError([{"field": f"search.points_to_evaluate[{i}]",
                                   "message": f"{wanted} is not a point of the grid"}])
-            out[GRID_KEY] = match
+            out[GRID_KEY] = encode_grid_point(match)
         points.append(out)
     return points
 
@@ -181,7 +193,7 @@ def build_search_alg(spec: SweepSpec, *, max_concurrent: int, sweep_id: str = "s
 def trial_params(spec: SweepSpec, config: Mapping[str, Any]) -> dict[str, Any]:
     """A trial's Tune config as flat finetune overrides: grid point unpacked, inactive and JSON values resolved."""
     flat = {k: v for k, v in config.items() if k not in (GRID_KEY, MLFLOW_KEY)}
-    flat.update(config.get(GRID_KEY) or {})
+    flat.update(grid_values(config))
     for name in _encoded_params(spec) & set(flat):
         if isinstance(flat[name], str):
             flat[name] = json.loads(flat[name])

@@ -27,7 +27,9 @@ def score_trial(config):
     from ray import tune
 
     blr = config.get("blr", 3e-3)
-    bonus = 0.1 if (config.get("grid_point") or config).get("schedule") == "multistep" else 0.0
+    from search_spaces.tune_search import grid_values
+
+    bonus = 0.1 if {**config, **grid_values(config)}.get("schedule") == "multistep" else 0.0
     for epoch in (1, 2):
         tune.report({"epoch": epoch, "val_top1": epoch / 2 - abs(math.log10(blr / 3e-3)) / 10 + bonus})
 
@@ -63,6 +65,27 @@ def test_grid_runs_every_combination_once(ray_connected, mlflow_server, tmp_path
     assert {c.data.tags["convtune.trial_id"] for c in children} == {t["trial_id"] for t in result.trials}
     artifacts = {a.path for a in MlflowClient(mlflow_server.url).list_artifacts(parent.info.run_id)}
     assert {"trials.csv", "sweep_spec.yaml", "plots", "best"} <= artifacts
+
+
+def test_warm_start_points_with_a_grid_run_and_the_count_matches(ray_connected, mlflow_server, tmp_path):
+    """A warm-start point next to a grid parameter crashed Ray's preset lookup (KeyError); each point takes
+    the place of one sample and is one trial, as count_trials says."""
+    from search_spaces.spec import count_trials
+
+    spec = load_spec({
+        "name": "grid-warm", "base": BASE,
+        "space": {"warmup_epochs": {"type": "grid", "values": [0, 1]},
+                  "blr": {"type": "loguniform", "low": 1e-4, "high": 1e-1}},
+        "search": {"algorithm": "random", "seed": 1,
+                   "points_to_evaluate": [{"warmup_epochs": 1, "blr": 3e-3}]},
+        "scheduler": {"type": "fifo"}, "num_samples": 2,
+    })
+    assert count_trials(spec) == 3  # the point, then one more sample crossed with the grid of 2
+    result = run_sweep(spec, sweep_id="gridwarm", storage_path=str(tmp_path), mlflow_uri=mlflow_server.url,
+                       trainable=score_trial)
+    assert result.status == "finished" and len(result.trials) == count_trials(spec)
+    assert any(t["warmup_epochs"] == 1 and t["blr"] == pytest.approx(3e-3) for t in result.trials)
+    assert sorted(t["warmup_epochs"] for t in result.trials) == [0, 1, 1]
 
 
 def test_tpe_samples_conditionals_and_warm_starts(ray_connected, mlflow_server, tmp_path):
