@@ -319,6 +319,7 @@ RESUME_FIELDS = (
     "warmup_epochs", "warmup_steps", "warmup_mode", "warmup_start_factor", "schedule", "milestones", "gamma",
     "step_size", "cycles", "power", "optimizer", "opt_eps", "opt_betas", "momentum", "weight_decay",
     "weight_decay_end", "layer_decay", "layer_decay_type", "no_weight_decay", "model_ema", "model_ema_decay",
+    "model_ema_warmup",
     "seed",
 )
 
