@@ -26,11 +26,6 @@ from search_spaces.loading import SpecError, check_plain_data, load_spec_text
 GRID_KEY = "grid_point"
 MLFLOW_KEY = "mlflow"
 RESERVED_NAMES = frozenset({GRID_KEY, MLFLOW_KEY})
-#: Per-trial cost beyond training (in-process / Ray Train trials), for the dry-run estimate; measured on
-#: 2 CPUs by benchmarks/bench_sweep.py (docs/sweeps.md).
-TRIAL_OVERHEAD_S = {"in_process": 8.0, "train": 16.0}
-#: Seconds per epoch of convnextv2_atto on digits at 32 px, 1 worker on 1-2 CPU threads (measured).
-DIGITS_ATTO_EPOCH_S = 6.0
 
 
 #: Most trials one sweep may ask for (num_samples, max_grid_trials); a service may set a lower cap.
@@ -293,7 +288,10 @@ class EstimateConfig(BaseModel):
 
     model_config = _Strict
     seconds_per_epoch: float | None = Field(
-        None, gt=0, description="Wall seconds of one training epoch of one trial; guessed for digits/synthetic.")
+        None, gt=0, description="Measured wall seconds of one training epoch of one trial.")
+    images_per_second: float | None = Field(
+        None, gt=0, description="Measured training images per second of one worker on the cluster's hardware "
+        "(`convtune sweep SPEC --dry-run --probe` measures it on the machine it runs on).")
 
 
 class SweepSpec(BaseModel):
@@ -827,25 +825,13 @@ def expected_epochs_per_trial(spec: SweepSpec) -> float:
     return epochs + survive * (max_t - prev)
 
 
-def estimate_seconds_per_epoch(spec: SweepSpec, params: Mapping[str, Any] | None = None) -> float | None:
-    """Seconds per training epoch: the spec's own figure, else a guess for digits/synthetic at 32 px."""
-    if spec.estimate.seconds_per_epoch:
-        return spec.estimate.seconds_per_epoch
-    cfg = trial_finetune(spec, params or {})
-    if cfg.dataset not in ("digits", "synthetic"):
-        return None
-    size = getattr(cfg, "input_size", 32) or 32
-    secs = DIGITS_ATTO_EPOCH_S * (size / 32) ** 2
-    cap = getattr(cfg, "steps_per_epoch_limit", None)
-    if cap:
-        full_steps = 1437 / (cfg.batch_size * spec.resources.workers_per_trial)
-        secs *= min(1.0, cap / max(full_steps, 1))
-    return secs
-
-
 def dry_run(spec: SweepSpec, cluster_resources: Mapping[str, float] | None = None,
-            nodes: Iterable[Mapping[str, float]] | None = None, *, n_samples: int = 5) -> dict[str, Any]:
-    """What a sweep would do, without running it: trials, sample configs, concurrency and compute."""
+            nodes: Iterable[Mapping[str, float]] | None = None, *, n_samples: int = 5,
+            images_per_second: float | None = None) -> dict[str, Any]:
+    """What a sweep would do, without running it: trials, sample configs, concurrency and compute
+    (``images_per_second``: a measured probe of this hardware, see search_spaces.estimate)."""
+    from search_spaces.estimate import estimate
+
     capacity = cluster_capacity(cluster_resources or {"CPU": 1.0}, nodes)
     problems: list[dict[str, str]] = []
     try:
@@ -853,7 +839,7 @@ def dry_run(spec: SweepSpec, cluster_resources: Mapping[str, float] | None = Non
     except SpecError as exc:
         problems = exc.errors
     rng = np.random.default_rng(spec.search.seed if spec.search.seed is not None else 0)
-    grid = grid_points(spec)
+    grid = grid_points(spec) if _grid_size(spec) <= MAX_TRIALS else []
     samples = []
     for i in range(n_samples):
         point = grid[i % len(grid)] if grid else None
@@ -862,16 +848,7 @@ def dry_run(spec: SweepSpec, cluster_resources: Mapping[str, float] | None = Non
         samples[i] = dict(point)
     trials = count_trials(spec)
     concurrency = max_concurrent_trials(spec, capacity)
-    epoch_s = estimate_seconds_per_epoch(spec)
     epochs = expected_epochs_per_trial(spec)
-    overhead_s = TRIAL_OVERHEAD_S["train" if spec.resources.uses_train else "in_process"]
-    per_trial_h = None if epoch_s is None else (epochs * epoch_s + overhead_s) / 3600
-    unit, per_trial_units = ("GPU", spec.resources.gpus_per_trial) if spec.resources.gpus_per_trial else (
-        "CPU", spec.resources.cpus_per_trial)
-    compute_h = None if per_trial_h is None or trials is None else per_trial_h * trials * per_trial_units
-    wall_h = None if per_trial_h is None or trials is None else per_trial_h * math.ceil(trials / concurrency)
-    if spec.time_budget_s and wall_h is not None:
-        wall_h = min(wall_h, spec.time_budget_s / 3600)
     return {
         "name": spec.name,
         "search": spec.search.algorithm,
@@ -881,18 +858,14 @@ def dry_run(spec: SweepSpec, cluster_resources: Mapping[str, float] | None = Non
         "grid_size": len(grid) or None,
         "max_concurrent_trials": concurrency,
         "resources_per_trial": {"CPU": spec.resources.cpus_per_trial, "GPU": spec.resources.gpus_per_trial},
-        "cluster": capacity,
+        "execution": "Ray Train" if spec.resources.uses_train else "in the Tune trial process (in_process)",
+        "cluster": {k: v for k, v in capacity.items() if k != "nodes"},
         "problems": problems,
         "samples": [_jsonable(s) for s in samples],
         "max_epochs": spec.scheduler_max_epochs(),
         "expected_epochs_per_trial": round(epochs, 2),
-        "seconds_per_epoch": epoch_s,
-        "estimate_unit": f"{unit}-hours",
-        "estimate_hours": None if compute_h is None else round(compute_h, 4),
-        "estimate_upper_bound_hours": None if compute_h is None else round(
-            compute_h * spec.scheduler_max_epochs() / max(epochs, 1e-9), 4) if epoch_s else None,
-        "wall_hours": None if wall_h is None else round(wall_h, 4),
-        "note": None if epoch_s is not None else "set estimate.seconds_per_epoch for a compute estimate",
+        **estimate(spec, trial_finetune(spec, {}), epochs, spec.scheduler_max_epochs(), trials, concurrency,
+                   images_per_second),
     }
 
 
@@ -912,12 +885,17 @@ def format_dry_run(report: Mapping[str, Any]) -> str:
         f"{report['cluster']['GPU']:g} GPU",
         f"  epochs per trial: up to {report['max_epochs']}, about {report['expected_epochs_per_trial']} expected",
     ]
+    lines.append(f"  trials run: {report['execution']}")
+    if report["train_pflops"] is not None:
+        lines.append(f"  work: {report['train_pflops']:g} PFLOPs ({report['gflops_per_image']:g} GFLOPs forward per "
+                     f"image x 3 x {report['images_per_epoch']} images x {report['expected_epochs_per_trial']} "
+                     "epochs x trials)")
     if report["estimate_hours"] is not None:
         lines.append(f"  estimate: {report['estimate_hours']:.3f} {report['estimate_unit']} "
                      f"(at most {report['estimate_upper_bound_hours']:.3f} without early stopping), "
-                     f"~{report['wall_hours'] * 60:.1f} min wall")
-    elif report["note"]:
-        lines.append(f"  estimate: unknown; {report['note']}")
+                     f"~{report['wall_hours'] * 60:.1f} min wall, at {report['seconds_per_epoch']:g} s per epoch")
+    else:
+        lines.append(f"  time: unknown; {report['note']}")
     for problem in report["problems"]:
         lines.append(f"  PROBLEM {problem['field']}: {problem['message']}")
     lines.append("  sample configurations:")

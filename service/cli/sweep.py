@@ -32,6 +32,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("spec", nargs="?", metavar="SPEC", help="spec file (.yaml/.json) or preset name")
     p.add_argument("--dry-run", action="store_true",
                    help="validate, print the trial count, five sampled configs and a compute estimate; run nothing")
+    p.add_argument("--probe", action="store_true",
+                   help="with --dry-run: time a few training steps of the spec's model here (this machine's GPU, "
+                   "else its CPUs) so the estimate has hours, not only FLOPs; run it on a node like the cluster's")
     p.add_argument("--resume", metavar="ID", default=None, help="resume the saved sweep ID (fails if none)")
     p.add_argument("--sweep-id", metavar="ID", default=None, help="id of a new sweep (default <name>-<time>)")
     p.add_argument("--storage-path", metavar="DIR",
@@ -75,7 +78,15 @@ def run_sweep_command(args: argparse.Namespace) -> int:
         return 2
     if args.dry_run:
         cluster = _cluster_if_reachable(args.ray_address)
-        print(format_dry_run(dry_run(spec, *cluster)))
+        speed = None
+        if args.probe:
+            from search_spaces.spec import trial_finetune
+            from trainers.probe import images_per_second
+
+            print("probing training speed (a few steps of the spec's model) ...", file=sys.stderr, flush=True)
+            speed = images_per_second(trial_finetune(spec, {}), threads=spec.resources.threads_per_worker)
+            print(f"measured {speed:.1f} images/s per worker", file=sys.stderr)
+        print(format_dry_run(dry_run(spec, *cluster, images_per_second=speed)))
         return 0
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")

@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
+from search_spaces.estimate import TRIAL_OVERHEAD_S
 from search_spaces.spec import (
-    TRIAL_OVERHEAD_S,
     SpecError,
     check_resources,
     cluster_capacity,
@@ -223,8 +223,17 @@ def test_dry_run_reports_trials_samples_and_cost():
     report = dry_run(s, {"CPU": 2.0})
     assert report["trials"] == 10 and len(report["samples"]) == 5
     assert report["max_concurrent_trials"] == 2 and report["problems"] == []
-    assert report["estimate_unit"] == "CPU-hours" and report["estimate_hours"] > 0
+    # work is known from FLOPs; time is not, without a measured speed of this hardware
+    cfg = trial_finetune(s, {})
+    images = 2 * cfg.batch_size  # steps_per_epoch_limit 2
+    assert report["images_per_epoch"] == images
+    assert report["train_pflops"] == pytest.approx(3 * 1.095 * (32 / 224) ** 2 * images * 4 * 10 / 1e6, rel=1e-3)
+    assert report["estimate_hours"] is None and "--probe" in report["note"]
     json.dumps(report)  # what the service returns
+    measured = dry_run(s, {"CPU": 2.0}, images_per_second=images / 30)  # 30 s per epoch
+    assert measured["seconds_per_epoch"] == pytest.approx(30)
+    overhead = TRIAL_OVERHEAD_S["train" if s.resources.uses_train else "in_process"]
+    assert measured["estimate_hours"] == pytest.approx(10 * 1 * (4 * 30 + overhead) / 3600, rel=1e-3)
     gpu = load_spec(spec(resources={"gpus_per_worker": 1, "workers_per_trial": 2},
                          estimate={"seconds_per_epoch": 360}, scheduler={"type": "fifo"}))
     r = dry_run(gpu, {"CPU": 16, "GPU": 4})
@@ -233,6 +242,31 @@ def test_dry_run_reports_trials_samples_and_cost():
     assert r["estimate_hours"] == pytest.approx(8 * 2 * (4 * 0.1 + TRIAL_OVERHEAD_S["train"] / 3600), rel=1e-3)
     bad = dry_run(gpu, {"CPU": 16})
     assert bad["problems"][0]["field"] == "resources.gpus_per_worker"
+    asha = load_spec(spec(estimate={"seconds_per_epoch": 360}, num_samples=9,
+                          scheduler={"type": "asha", "grace_period": 1, "reduction_factor": 3}))
+    a = dry_run(asha, {"CPU": 16})
+    # without early stopping every trial trains all 4 epochs; the overhead is once per trial, not scaled
+    assert a["estimate_upper_bound_hours"] == pytest.approx(9 * 1 * (4 * 0.1 + TRIAL_OVERHEAD_S["train"] / 3600),
+                                                            rel=1e-3)
+    assert a["estimate_hours"] < a["estimate_upper_bound_hours"]
+
+
+def test_an_imagefolder_estimate_counts_its_images_or_says_why_not(tmp_path):
+    folder = tmp_path / "flowers"
+    for cls in ("a", "b"):
+        (folder / "train" / cls).mkdir(parents=True)
+        (folder / "val" / cls).mkdir(parents=True)
+        for i in range(3):
+            (folder / "train" / cls / f"{i}.jpg").write_bytes(b"x")
+    found = load_spec(spec(base={"model": "convnextv2_huge", "dataset": "imagefolder", "data_root": str(folder),
+                                 "num_classes": 2, "input_size": 224, "epochs": 4}))
+    report = dry_run(found, {"CPU": 16, "GPU": 8})
+    assert report["images_per_epoch"] == 6 and report["gflops_per_image"] == pytest.approx(229.844)
+    assert report["estimate_hours"] is None  # no "6.55 GPU-hours" from a CPU figure for atto
+    missing = load_spec(spec(base={"model": "convnextv2_huge", "dataset": "imagefolder",
+                                   "data_root": str(tmp_path / "elsewhere"), "num_classes": 2, "epochs": 4}))
+    report = dry_run(missing, {"CPU": 16})
+    assert report["train_pflops"] is None and "not readable here" in report["note"]
 
 
 def test_dry_run_shows_warm_start_points_first():

@@ -14,7 +14,8 @@ from service.cli import main
 def test_dry_run_of_a_preset_prints_trials_samples_and_estimate(capsys):
     assert main(["sweep", "quickstart", "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert "trials: 6" in out and "CPU-hours" in out
+    assert "trials: 6" in out and "PFLOPs" in out
+    assert "time: unknown" in out and "--probe" in out  # no hours without a measured speed
     assert out.count("\n    ") == 5  # five sampled configurations
     assert "sample configurations" in out
 
