@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import wait_until
 from mlflow.tracking import MlflowClient
+from testkit import wait_until
 
 from search_spaces.driver import run_sweep
 from search_spaces.spec import load_spec

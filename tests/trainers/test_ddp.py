@@ -7,7 +7,7 @@ import os
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import free_port
+from testkit import free_port
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
 import trainers.loop as loop

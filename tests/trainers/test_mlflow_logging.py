@@ -9,9 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import VENV_BIN, free_port, http_ok, wait_until
-from conftest import _stop_process_group as stop_process_group
 from mlflow.tracking import MlflowClient
+from testkit import VENV_BIN, free_port, http_ok, stop_process_group, wait_until
 
 from trainers.config import FinetuneConfig
 from trainers.loop import LocalReporter, train_loop_per_worker
