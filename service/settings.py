@@ -11,6 +11,7 @@ import hashlib
 import hmac
 import ipaddress
 import os
+import re
 import sys
 from functools import lru_cache
 from pathlib import Path
@@ -19,8 +20,10 @@ from typing import Annotated
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-SCOPES = ("read", "submit")
-"""``read``: every GET; ``submit``: submit, validate, cancel and resume sweeps."""
+SCOPES = ("read", "submit", "admin")
+"""``read``: every GET of the caller's own sweeps; ``submit``: submit, validate, cancel and resume them;
+``admin``: every sweep, whoever owns it."""
+OWNER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
 def default_data_dir() -> Path:
@@ -52,12 +55,35 @@ def _split_scopes(entry: str) -> tuple[str, frozenset[str]]:
     return entry, frozenset(SCOPES)
 
 
+def split_owner(entry: str) -> tuple[str | None, str]:
+    """``alice@token:scopes`` -> ("alice", "token:scopes"); no ``@``: (None, entry) (tokens never hold ``@``)."""
+    owner, found, rest = entry.partition("@")
+    if not found:
+        return None, entry
+    if not OWNER_NAME.match(owner):
+        raise ValueError(f"CONVTUNE_API_TOKENS: owner name {owner!r} must be 1-64 letters, digits, '_', '.' or '-'")
+    return owner, rest
+
+
+def parse_token_owners(value) -> dict[str, str]:
+    """The owner named for each token (``alice@token:scopes``); tokens without a name are absent."""
+    if not isinstance(value, str):
+        return {}
+    owners = {}
+    for entry in _split_list(value) or []:
+        owner, rest = split_owner(entry)
+        if owner:
+            owners[_split_scopes(rest)[0]] = owner
+    return owners
+
+
 def parse_api_tokens(value) -> dict[str, frozenset[str]]:
-    """``"tok1:read+submit,tok2:read,tok3"`` -> {token: scopes}; a bare token gets every scope."""
+    """``"alice@tok1:read+submit,tok2:read,tok3"`` -> {token: scopes}; a bare token gets every scope
+    (``admin`` included, as before owners existed)."""
     if isinstance(value, dict):
         pairs = [(str(k), frozenset(v)) for k, v in value.items()]
     else:
-        pairs = [_split_scopes(entry) for entry in _split_list(value) or []]
+        pairs = [_split_scopes(split_owner(entry)[1]) for entry in _split_list(value) or []]
     for token, _ in pairs:
         if len(token) < MIN_TOKEN_LENGTH:
             raise ValueError(f"CONVTUNE_API_TOKENS: every token needs at least {MIN_TOKEN_LENGTH} characters (one "
@@ -94,6 +120,8 @@ class Settings(BaseSettings):
     api_tokens: Annotated[dict[str, frozenset[str]], NoDecode] = Field(
         default_factory=dict, description=f"Bearer tokens of at least {MIN_TOKEN_LENGTH} characters: "
         "'tok:read+submit,tok2:read'; a bare token has every scope.")
+    token_owners: dict[str, str] = Field(default_factory=dict, exclude=True, description=(
+        "Owner name of each token, from the 'alice@token:scopes' form of CONVTUNE_API_TOKENS."))
     secret_key: SecretStr | None = Field(None, description=(
         "Server secret keying the HMACs of owner names (Ray job metadata) and Idempotency-Keys; default: a "
         "random key kept in <data_dir>/secret_key. Set it when several API processes share a database."))
@@ -112,6 +140,13 @@ class Settings(BaseSettings):
         "loopback names while auth is off, any host once tokens are set."))
     allowed_origins: Annotated[list[str], NoDecode] = Field(default_factory=list, description=(
         "Browser origins (scheme://host:port) allowed to send state-changing requests besides the API's own."))
+
+    @model_validator(mode="before")
+    @classmethod
+    def _owners_from_tokens(cls, data):
+        if isinstance(data, dict) and isinstance(data.get("api_tokens"), str):
+            data = {**data, "token_owners": parse_token_owners(data["api_tokens"])}
+        return data
 
     @field_validator("api_tokens", mode="before")
     @classmethod

@@ -13,6 +13,7 @@ import hmac
 import json
 import logging
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -101,9 +102,14 @@ class SweepService:
             raise SweepNotFound(sweep_id)
         return sweep
 
-    def list(self, statuses: list[str] | None, limit: int, offset: int) -> tuple[list[Sweep], int]:
+    def list(self, statuses: list[str] | None, limit: int, offset: int,
+             owners: Iterable[str] | None = None) -> tuple[list[Sweep], int]:
+        """Newest first; only sweeps of ``owners`` when given (None: everyone's)."""
         query = select(Sweep)
         count = select(func.count()).select_from(Sweep)
+        if owners is not None:
+            query = query.where(Sweep.owner.in_(list(owners)))
+            count = count.where(Sweep.owner.in_(list(owners)))
         if statuses:
             query = query.where(Sweep.status.in_(statuses))
             count = count.where(Sweep.status.in_(statuses))

@@ -35,6 +35,7 @@ class SweepSummary(BaseModel):
     created_at: datetime
     updated_at: datetime
     finished_at: datetime | None = None
+    owner: str | None = None
 
 
 class SweepPage(BaseModel):

@@ -12,11 +12,22 @@ BASE64 = "c2VjcmV0LXRva2VuLWJ5dGVzLW9mLWxlbmd0aC0zMw=="  # urlsafe/base64 paddin
 
 def test_tokens_parse_with_scopes_and_bare_tokens_get_all():
     tokens = parse_api_tokens(f"{READER}:read, {ADMIN}:read+submit,{BARE}")
-    assert tokens == {READER: {"read"}, ADMIN: {"read", "submit"}, BARE: {"read", "submit"}}
+    assert tokens == {READER: {"read"}, ADMIN: {"read", "submit"}, BARE: {"read", "submit", "admin"}}
+
+
+def test_tokens_may_name_their_owner():
+    from service.settings import parse_token_owners
+
+    raw = f"alice@{READER}:read,{ADMIN}:read+submit+admin,bob.k@{BARE}"
+    assert parse_api_tokens(raw) == {READER: {"read"}, ADMIN: {"read", "submit", "admin"},
+                                     BARE: {"read", "submit", "admin"}}
+    assert parse_token_owners(raw) == {READER: "alice", BARE: "bob.k"}
+    with pytest.raises(ValueError, match="owner name"):
+        parse_api_tokens(f"bad name@{READER}")
 
 
 def test_a_base64_token_keeps_its_padding_and_the_older_separator_still_reads():
-    assert parse_api_tokens(BASE64) == {BASE64: {"read", "submit"}}
+    assert parse_api_tokens(BASE64) == {BASE64: {"read", "submit", "admin"}}
     assert parse_api_tokens(f"{BASE64}:read") == {BASE64: {"read"}}
     assert parse_api_tokens(f"{READER}=read") == {READER: {"read"}}  # what existing installs have
     assert parse_api_tokens(f"{BASE64}=read") == {BASE64: {"read"}}

@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, HTTPException, Path
 
-from service.api.deps import read_access
+from service.api.deps import Caller, read_access
 from service.api.schemas import ErrorOut, Preset
 
 router = APIRouter(prefix="/v1/search-spaces", tags=["search spaces"])
@@ -22,7 +22,7 @@ def _preset(name: str) -> Preset:
 
 @router.get("", response_model=list[Preset], summary="The preset search spaces",
             responses={401: {"model": ErrorOut}, 403: {"model": ErrorOut}})
-def list_search_spaces(_: Annotated[str, Depends(read_access)]):
+def list_search_spaces(_: Annotated[Caller, Depends(read_access)]):
     from search_spaces.spec import list_presets
 
     return [_preset(name) for name in list_presets()]
@@ -31,7 +31,7 @@ def list_search_spaces(_: Annotated[str, Depends(read_access)]):
 @router.get("/{name}", response_model=Preset, summary="One preset",
             responses={401: {"model": ErrorOut}, 403: {"model": ErrorOut}, 404: {"model": ErrorOut}})
 def get_search_space(name: Annotated[str, Path(pattern=r"^[A-Za-z0-9_.-]{1,64}$")],
-                     _: Annotated[str, Depends(read_access)]):
+                     _: Annotated[Caller, Depends(read_access)]):
     from search_spaces.spec import list_presets
 
     if name not in list_presets():

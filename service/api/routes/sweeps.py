@@ -9,7 +9,7 @@ from fastapi import APIRouter, Depends, Header, HTTPException, Path, Query, Requ
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
-from service.api.deps import get_service, get_settings, read_access, submit_access
+from service.api.deps import Caller, get_service, get_settings, read_access, submit_access
 from service.api.schemas import (
     ErrorOut,
     Links,
@@ -51,7 +51,7 @@ def links(request: Request, settings: Settings, sweep, mlflow_url: str | None = 
 def summary(sweep) -> SweepSummary:
     return SweepSummary(id=sweep.id, name=sweep.name, status=sweep.status, attempt=sweep.attempt,
                         created_at=as_utc(sweep.created_at), updated_at=as_utc(sweep.updated_at),
-                        finished_at=as_utc(sweep.finished_at))
+                        finished_at=as_utc(sweep.finished_at), owner=sweep.owner)
 
 
 def trial_out(trial: TrialRecord) -> TrialOut:
@@ -68,11 +68,18 @@ async def read_spec(request: Request, settings: Settings):
     return await run_in_threadpool(check_spec, data, settings.data_roots, settings.max_trials)
 
 
-def _get(service: SweepService, sweep_id: str):
+def _get(service: SweepService, sweep_id: str, caller: Caller, *, action: bool = False):
+    """The sweep, if ``caller`` may see it: another owner's sweep is 404 to a read (ids do not leak) and 403
+    to an action."""
     try:
-        return service.get(sweep_id)
+        sweep = service.get(sweep_id)
     except SweepNotFound:
         raise HTTPException(404, f"no sweep {sweep_id}") from None
+    if not caller.owns(sweep):
+        if action:
+            raise HTTPException(403, f"sweep {sweep_id} belongs to another owner")
+        raise HTTPException(404, f"no sweep {sweep_id}")
+    return sweep
 
 
 @router.post("", status_code=202, response_model=SweepCreated, openapi_extra=spec_body(),
@@ -80,7 +87,7 @@ def _get(service: SweepService, sweep_id: str):
                                                   422: {"model": ErrorOut}})
 async def submit_sweep(
     request: Request,
-    owner: Annotated[str, Depends(submit_access)],
+    caller: Annotated[Caller, Depends(submit_access)],
     idempotency_key: Annotated[str | None, Header(max_length=200, description=(
         "Retrying with the same key returns the same sweep instead of starting a second job"))] = None,
     settings: Settings = Depends(get_settings),
@@ -88,7 +95,7 @@ async def submit_sweep(
 ):
     """Validate the spec (JSON, or YAML with `Content-Type: application/yaml`) and start it as a Ray job."""
     checked = await read_spec(request, settings)
-    result = await run_in_threadpool(service.submit, checked, idempotency_key=idempotency_key, owner=owner)
+    result = await run_in_threadpool(service.submit, checked, idempotency_key=idempotency_key, owner=caller.owner)
     body = SweepCreated(id=result.sweep.id, status=result.sweep.status, created=result.created,
                         links=links(request, settings, result.sweep))
     return JSONResponse(body.model_dump(mode="json"), status_code=202,
@@ -99,7 +106,7 @@ async def submit_sweep(
              responses={**ERRORS, 413: {"model": ErrorOut}, 422: {"model": ErrorOut}})
 async def validate_sweep(
     request: Request,
-    _: Annotated[str, Depends(submit_access)],
+    _: Annotated[Caller, Depends(submit_access)],
     settings: Settings = Depends(get_settings),
     service: SweepService = Depends(get_service),
 ) -> dict:
@@ -120,13 +127,14 @@ async def validate_sweep(
 
 @router.get("", response_model=SweepPage, summary="List sweeps", responses=ERRORS)
 def list_sweeps(
-    _: Annotated[str, Depends(read_access)],
+    caller: Annotated[Caller, Depends(read_access)],
     status: Annotated[list[SweepStatus] | None, Query(description="Only these statuses (repeatable)")] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     offset: Annotated[int, Query(ge=0, le=10_000_000)] = 0,
     service: SweepService = Depends(get_service),
 ):
-    rows, total = service.list([s.value for s in status] if status else None, limit, offset)
+    rows, total = service.list([s.value for s in status] if status else None, limit, offset,
+                               owners=None if caller.admin else caller.aliases)
     nxt = offset + len(rows) if offset + len(rows) < total else None
     return SweepPage(items=[summary(r) for r in rows], total=total, limit=limit, offset=offset, next_offset=nxt)
 
@@ -136,11 +144,11 @@ def list_sweeps(
 def get_sweep(
     request: Request,
     sweep_id: SweepId,
-    _: Annotated[str, Depends(read_access)],
+    caller: Annotated[Caller, Depends(read_access)],
     settings: Settings = Depends(get_settings),
     service: SweepService = Depends(get_service),
 ):
-    sweep = _get(service, sweep_id)
+    sweep = _get(service, sweep_id, caller)
     warnings = []
     try:
         sweep = service.reconcile(sweep)
@@ -168,11 +176,11 @@ def get_sweep(
             responses={**ERRORS, **NOT_FOUND})
 def get_trials(
     sweep_id: SweepId,
-    _: Annotated[str, Depends(read_access)],
+    caller: Annotated[Caller, Depends(read_access)],
     service: SweepService = Depends(get_service),
 ):
     """Every trial with its params, latest metrics and status, read from the sweep's MLflow runs."""
-    sweep = _get(service, sweep_id)
+    sweep = _get(service, sweep_id, caller)
     data = spec_data(sweep)
     metric, mode = objective(data)
     runs = service.runs(sweep)
@@ -184,13 +192,13 @@ def get_trials(
             responses={**ERRORS, **NOT_FOUND, 200: {"content": {"text/plain": {}}}})
 async def get_logs(
     sweep_id: SweepId,
-    _: Annotated[str, Depends(read_access)],
+    caller: Annotated[Caller, Depends(read_access)],
     tail: Annotated[int | None, Query(ge=1, le=100_000, description="Only the last N lines")] = None,
     follow: Annotated[bool, Query(description="Stream the log until the sweep's job ends")] = False,
     attempt: Annotated[int | None, Query(ge=1, le=1000, description="Which attempt (default: latest)")] = None,
     service: SweepService = Depends(get_service),
 ):
-    sweep = await run_in_threadpool(_get, service, sweep_id)
+    sweep = await run_in_threadpool(_get, service, sweep_id, caller)
     attempt = attempt or sweep.attempt
     if attempt > sweep.attempt:
         raise HTTPException(404, f"sweep {sweep_id} has {sweep.attempt} attempt(s)")
@@ -224,10 +232,10 @@ async def get_logs(
              responses={**ERRORS, **NOT_FOUND, 409: {"model": ErrorOut}})
 def cancel_sweep(
     sweep_id: SweepId,
-    _: Annotated[str, Depends(submit_access)],
+    caller: Annotated[Caller, Depends(submit_access)],
     service: SweepService = Depends(get_service),
 ):
-    _get(service, sweep_id)
+    _get(service, sweep_id, caller, action=True)
     return summary(service.cancel(sweep_id))
 
 
@@ -236,8 +244,8 @@ def cancel_sweep(
              responses={**ERRORS, **NOT_FOUND, 409: {"model": ErrorOut}})
 def resume_sweep(
     sweep_id: SweepId,
-    _: Annotated[str, Depends(submit_access)],
+    caller: Annotated[Caller, Depends(submit_access)],
     service: SweepService = Depends(get_service),
 ):
-    _get(service, sweep_id)
+    _get(service, sweep_id, caller, action=True)
     return summary(service.resume(sweep_id))
