@@ -1,5 +1,5 @@
 """Engine and sessions. SQLite by default (WAL, so readers never wait on the reconciler's writes);
-PostgreSQL or any SQLAlchemy URL works the same way."""
+PostgreSQL or any SQLAlchemy URL works the same way. Opening a database migrates it (service.migrate)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.models import Base
+from service.migrate import migrate
 
 
 def make_engine(url: str) -> Engine:
@@ -28,7 +28,7 @@ def make_engine(url: str) -> Engine:
             cur.close()
     else:
         engine = create_engine(url, pool_pre_ping=True, pool_size=20, max_overflow=20)
-    Base.metadata.create_all(engine)
+    migrate(engine)  # Alembic, never create_all: an existing install's rows are migrated, not recreated
     return engine
 
 
