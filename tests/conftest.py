@@ -15,6 +15,7 @@ from __future__ import annotations
 import fcntl
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 from dataclasses import dataclass
@@ -143,3 +144,74 @@ def mlflow_server(tmp_path_factory):
     finally:
         _stop_process_group(proc)
         log.close()
+
+
+@dataclass
+class PostgresServer:
+    host: str
+    port: int
+    user: str
+
+    def new_database(self, name: str) -> str:
+        """A fresh, empty database on this server; its SQLAlchemy URL."""
+        from sqlalchemy import create_engine, text
+
+        admin = create_engine(f"postgresql+psycopg2://{self.user}@{self.host}:{self.port}/postgres",
+                              isolation_level="AUTOCOMMIT")
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+        admin.dispose()
+        return f"postgresql+psycopg2://{self.user}@{self.host}:{self.port}/{name}"
+
+
+def _postgres_bin() -> Path | None:
+    found = shutil.which("initdb")
+    if found:
+        return Path(found).resolve().parent
+    versions = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+    return versions[-1].parent if versions else None
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A real PostgreSQL server (Debian's `postgresql` binaries) on a free loopback port, in a temp dir,
+    started once per session and stopped by its own pid. As root it runs as the `postgres` user."""
+    bin_dir = _postgres_bin()
+    if bin_dir is None:
+        pytest.skip("no PostgreSQL server binaries: install Debian's postgresql package (.ci/run does)")
+    root = Path(tempfile.mkdtemp(prefix="ctpg-", dir="/tmp"))
+    as_user: list[str] = []
+    if os.geteuid() == 0:  # initdb and postgres refuse to run as root
+        shutil.chown(root, "postgres")
+        as_user = ["setpriv", "--reuid=postgres", "--regid=postgres", "--init-groups"]
+    data, port, user = root / "data", free_port(), "convtune"
+    subprocess.run([*as_user, str(bin_dir / "initdb"), "-D", str(data), "-A", "trust", "-U", user, "--no-sync"],
+                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    log = open(root / "postgres.log", "w")  # noqa: SIM115
+    proc = subprocess.Popen([*as_user, str(bin_dir / "postgres"), "-D", str(data), "-p", str(port),
+                             "-h", "127.0.0.1", "-k", str(root), "-F"],  # -F: no fsync, a test server
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    server = PostgresServer("127.0.0.1", port, user)
+    try:
+        wait_until(lambda: proc.poll() is None and server.new_database("convtune_ready"), 60,
+                   f"PostgreSQL on port {port} (log: {root / 'postgres.log'})")
+        yield server
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)  # PostgreSQL's fast shutdown
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=10)
+        log.close()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request, tmp_path):
+    """Each test using it runs on the embedded SQLite default and on a real PostgreSQL server."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'convtune.db'}"
+    return request.getfixturevalue("postgres_server").new_database(f"t_{abs(hash(request.node.nodeid)) % 10**12}")

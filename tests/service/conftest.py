@@ -81,12 +81,13 @@ def service_env(data_dir: Path, ray_url: str, mlflow_url: str, **extra) -> dict[
 
 
 @pytest.fixture
-def make_settings(tmp_path, ray_cluster, mlflow_server):
+def make_settings(tmp_path, ray_cluster, mlflow_server, database_url):
+    """Settings against the session's Ray and MLflow, on SQLite and on PostgreSQL (`database_url`)."""
     from service.settings import Settings
 
     def make(**overrides):
         values = dict(data_dir=tmp_path / "data", ray_address=ray_cluster.dashboard_url,
-                      mlflow_tracking_uri=mlflow_server.url, reconcile_interval_s=1.0)
+                      mlflow_tracking_uri=mlflow_server.url, reconcile_interval_s=1.0, database_url=database_url)
         values.update(overrides)
         return Settings(**values)
 

@@ -24,11 +24,11 @@ def old_install(url: str, n: int = 5) -> list[str]:
     return ids
 
 
-def test_an_existing_install_is_stamped_and_upgraded_without_losing_sweeps(tmp_path):
+def test_an_existing_install_is_stamped_and_upgraded_without_losing_sweeps(database_url):
     from service.db import Database
     from service.migrate import head
 
-    url = f"sqlite:///{tmp_path / 'convtune.db'}"
+    url = database_url
     ids = old_install(url)
     db = Database(url)  # what `convtune serve` / `convtune up` do on start
     with db.engine.connect() as conn:
@@ -40,29 +40,29 @@ def test_an_existing_install_is_stamped_and_upgraded_without_losing_sweeps(tmp_p
         assert conn.execute(text("SELECT count(*) FROM sweeps")).scalar() == len(ids)
 
 
-def test_the_migrations_build_exactly_the_models_schema(tmp_path):
+def test_the_migrations_build_exactly_the_models_schema(database_url):
     from alembic.autogenerate import compare_metadata
     from alembic.migration import MigrationContext
 
     from service.db import Database
     from service.models import Base
 
-    db = Database(f"sqlite:///{tmp_path / 'fresh.db'}")
+    db = Database(database_url)
     with db.engine.connect() as conn:
         diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
     assert diff == [], f"service/models.py and service/migrations differ: {diff}"
     assert {"alembic_version", "sweeps"} <= set(inspect(db.engine).get_table_names())
 
 
-def test_the_api_migrates_on_start(tmp_path, helpers):
+def test_the_api_migrates_on_start(tmp_path, helpers, database_url):
     """`convtune serve` on a 0.1.0 database: the sweeps are there over HTTP."""
     import httpx
 
     data = tmp_path / "data"
     data.mkdir()
-    ids = old_install(f"sqlite:///{data / 'convtune.db'}", n=3)
+    ids = old_install(database_url, n=3)
     env = helpers.service_env(data, f"http://127.0.0.1:{helpers.free_port()}",
-                              f"http://127.0.0.1:{helpers.free_port()}")
+                              f"http://127.0.0.1:{helpers.free_port()}", CONVTUNE_DATABASE_URL=database_url)
     api = helpers.ApiProcess(env, tmp_path / "api.log").start()
     try:
         page = httpx.get(f"{api.url}/v1/sweeps", timeout=30).json()

@@ -20,8 +20,8 @@ SPEC = {"name": "owned", "base": {"model": "convnextv2_atto", "dataset": "digits
 JSON = {"Content-Type": "application/json"}
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory, helpers):
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def world(request, tmp_path_factory, helpers):
     """A server with four tokens (two of them Alice's) and one sweep each for Alice and Bob."""
     from service.db import Database
     from service.models import Sweep
@@ -30,10 +30,14 @@ def world(tmp_path_factory, helpers):
     from service.sweeps import new_sweep_id
 
     tmp = tmp_path_factory.mktemp("owners")
+    url = (request.getfixturevalue("postgres_server").new_database("owners") if request.param == "postgresql"
+           else f"sqlite:///{tmp / 'convtune.db'}")
     env = {**helpers.service_env(tmp / "data", f"http://127.0.0.1:{helpers.free_port()}",
-                                 f"http://127.0.0.1:{helpers.free_port()}"), "CONVTUNE_API_TOKENS": TOKENS}
+                                 f"http://127.0.0.1:{helpers.free_port()}"),
+           "CONVTUNE_API_TOKENS": TOKENS, "CONVTUNE_DATABASE_URL": url}
+    settings = Settings(data_dir=tmp / "data", database_url=url)
+    Database(url)  # the schema, before the API and this fixture both open it
     api = helpers.ApiProcess(env, tmp / "api.log").start()
-    settings = Settings(data_dir=tmp / "data")
     checked = check_spec(json.loads(json.dumps(SPEC)), settings.data_roots)
     ids = {}
     db = Database(settings.database_url)
