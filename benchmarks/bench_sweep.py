@@ -1,11 +1,13 @@
 """Sweep benchmarks: per-trial overhead of the Tune + Train pattern, and ASHA vs FIFO search efficiency.
 
-    .venv/bin/python benchmarks/bench_sweep.py overhead --trials 4          # where a trial's time goes
+    .venv/bin/python benchmarks/bench_sweep.py overhead --trials 4          # where a Ray Train trial's time goes
+    .venv/bin/python benchmarks/bench_sweep.py overhead --trials 4 --in-process   # the opt-in, for comparison
+    .venv/bin/python benchmarks/bench_sweep.py quickstart                   # the quickstart preset's overhead ratio
     .venv/bin/python benchmarks/bench_sweep.py efficiency --trials 8        # ASHA vs FIFO, same budget
 
-Both start a local Ray (2 CPUs, dashboard on) under the host-wide test lock, run real sweeps of
-convnextv2_atto on digits through `search_spaces.driver.run_sweep`, log to a real MLflow store
-(SQLite) and print numbers. Results and the commands that produced them: docs/sweeps.md.
+Each starts a local Ray (2 CPUs, dashboard on) under the host-wide test lock, then runs real sweeps of
+convnextv2_atto on digits through `search_spaces.driver.run_sweep` (every trial a Ray Train run, the
+default), logs to a real MLflow store (SQLite) and prints numbers; Ray's start is not part of them. Results and the commands that produced them: docs/sweeps.md.
 """
 
 from __future__ import annotations
@@ -79,7 +81,7 @@ def base_spec(args, *, name: str, search: dict, scheduler: dict, space: dict, nu
                  "steps_per_epoch_limit": args.steps, "batch_size": 64, "warmup_epochs": 0},
         "space": space, "search": search, "scheduler": scheduler, "num_samples": num_samples,
         "resources": {"workers_per_trial": 1, "cpus_per_worker": 1, "max_concurrent_trials": concurrency,
-                      "in_process": not args.train},
+                      "in_process": args.in_process},
         "failures": {"trial_retries": 0, "worker_retries": 0},
     }
 
@@ -119,7 +121,7 @@ def overhead(args, workdir: Path) -> dict:
 
     ctrl, workers, drivers = spans("TrainController"), spans("RayTrainWorker"), spans("ImplicitFunc")
     breakdown = {}
-    if len(drivers) == len(trials) and trials:
+    if drivers:  # fewer trial processes than trials: Tune reused a process (reuse_actors)
         breakdown["trial_process_start_s"] = statistics.mean(d[1] - d[0] for d in drivers)
     if len(ctrl) == len(workers) == len(trials) and trials:
         pairs = list(zip(trials, ctrl, workers, strict=True))
@@ -131,10 +133,9 @@ def overhead(args, workdir: Path) -> dict:
             "worker_ready_to_first_epoch_start_s": statistics.mean(
                 t["results"][0]["t"] - t["results"][0]["epoch_s"] - w[2] for t, _, w in pairs if t["results"]),
         })
-    elif len(drivers) == len(trials) and trials:  # in-process trials: everything happens in the trial actor
-        breakdown["trial_ready_to_first_epoch_start_s"] = statistics.mean(
-            t["results"][0]["t"] - t["results"][0]["epoch_s"] - d[2] for t, d in zip(trials, drivers, strict=True)
-            if t["results"])
+    elif trials and not ctrl:  # in-process trials: everything happens in the trial process
+        breakdown["trial_start_to_first_epoch_start_s"] = statistics.mean(
+            t["results"][0]["t"] - t["results"][0]["epoch_s"] - t["start"] for t in trials if t["results"])
     n = len(trials)
     return {
         "trials": n, "epochs": args.epochs, "steps_per_epoch": args.steps, "wall_s": round(wall, 1),
@@ -143,9 +144,25 @@ def overhead(args, workdir: Path) -> dict:
         "teardown_per_trial_s": round(statistics.mean(p["teardown_s"] for p in per_trial), 1),
         "gap_between_trials_s": round(statistics.mean(gaps), 1) if gaps else None,
         "breakdown": {k: round(v, 1) for k, v in breakdown.items()},
+        "trial_processes": len(drivers),
         "actor_counts": {k: len(v) for k, v in phases.items()},
         "status": result.status,
     }
+
+
+def quickstart(args, workdir: Path) -> dict:
+    """The quickstart preset as users run it: sweep wall time over the summed training time of its trials."""
+    from search_spaces.spec import resolve_spec_source
+
+    spec = resolve_spec_source("quickstart").model_dump(mode="json")
+    if args.in_process:
+        spec["resources"]["in_process"] = True
+    result, timeline, wall = run(spec, workdir, "quickstart")
+    train_s = sum(r["epoch_s"] for t in timeline.trials.values() for r in t["results"])
+    return {"trials": len(timeline.trials), "wall_s": round(wall, 1), "sum_train_s": round(train_s, 1),
+            "overhead_ratio": round(wall / train_s, 2) if train_s else None,
+            "execution": "in_process" if args.in_process else "ray_train",
+            "counts": result.counts, "status": result.status}
 
 
 def efficiency(args, workdir: Path) -> dict:
@@ -181,14 +198,14 @@ def efficiency(args, workdir: Path) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("mode", choices=["overhead", "efficiency"])
+    parser.add_argument("mode", choices=["overhead", "quickstart", "efficiency"])
     parser.add_argument("--trials", type=int, default=4)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--steps", type=int, default=4, help="steps_per_epoch_limit")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cpus", type=int, default=2)
-    parser.add_argument("--train", action="store_true",
-                        help="run single-worker trials as Ray Train worker groups (resources.in_process: false)")
+    parser.add_argument("--in-process", action="store_true",
+                        help="the opt-in: trials in the Tune trial process (resources.in_process: true), not Ray Train")
     parser.add_argument("--label", default="", help="printed with the results (e.g. before/after)")
     args = parser.parse_args()
     with open(LOCK, "w") as lock:
@@ -197,11 +214,11 @@ def main() -> int:
         import ray
 
         workdir = Path(tempfile.mkdtemp(prefix="bench-sweep-"))
-        # the default temp dir: Train's placement-group cleaner finds the cluster through it
-        ray.init(address="local", num_cpus=args.cpus, include_dashboard=True, dashboard_host="127.0.0.1",
-                 log_to_driver=False)
+        from trainers.ray_run import ensure_ray
+
+        ensure_ray(None, num_cpus=args.cpus)  # a local Ray, as `convtune sweep` starts one
         try:
-            results = overhead(args, workdir) if args.mode == "overhead" else efficiency(args, workdir)
+            results = {"overhead": overhead, "quickstart": quickstart, "efficiency": efficiency}[args.mode](args, workdir)
         finally:
             ray.shutdown()
     print(json.dumps({"mode": args.mode, "label": args.label, **results}, indent=2))

@@ -105,8 +105,9 @@ def ray_train(cfg, *, threads: int) -> dict:
         if item.get("kind") == "epoch" and "t" not in first_report:
             first_report.update(t=time.monotonic() - t0, epoch_s=item["epoch_s"])
 
-    ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1", num_cpus=threads,
-             log_to_driver=False)
+    from trainers.ray_run import ensure_ray
+
+    ensure_ray(None, num_cpus=threads)
     try:
         t0 = time.monotonic()
         result = run_finetune(cfg, num_workers=1, cpus_per_worker=threads, mlflow=None,

@@ -82,7 +82,8 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
 
     spec = SweepSpec.model_validate(ctx.spec)
     trial_id = tune.get_context().get_trial_id()
-    finetune = trial_finetune(spec, trial_params(spec, config))
+    # the trial's driver never imports timm; its workers validate the config fully
+    finetune = trial_finetune(spec, trial_params(spec, config), torch_free=spec.resources.uses_train)
     res = spec.resources
     loop_config = {"finetune": finetune.model_dump(mode="json"), "mlflow": config.get("mlflow"),
                    "cpus_per_worker": res.threads_per_worker}
@@ -141,19 +142,14 @@ def trial_resources(spec: SweepSpec) -> dict[str, float]:
 # ---------------------------------------------------------------------------------------------- Ray
 
 def ensure_ray(address: str | None = None) -> None:
-    """Attach to ``address`` / $RAY_ADDRESS, else start a local Ray with the dashboard.
+    """Attach to ``address`` / $RAY_ADDRESS (a Ray job's cluster), else start a local Ray with the dashboard.
 
-    The dashboard matters: Train frees the placement groups of stopped trials through the State API.
+    The dashboard matters: Train frees the placement groups of stopped trials through the State API, and
+    every process of the sweep is told where that API is (``trainers.ray_run.cluster_env``).
     """
-    import ray
+    from trainers.ray_run import ensure_ray as _ensure_ray
 
-    if ray.is_initialized():
-        return
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=False)
-    else:
-        ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False)
+    _ensure_ray(address)
 
 
 def _cluster():
@@ -178,9 +174,11 @@ def run_sweep(spec: SweepSpec, *, sweep_id: str, storage_path: str, mlflow_uri: 
     unfinished ones continue from their checkpoints. ``resume=True`` insists on that state existing.
     ``trainable`` replaces the Train-launching trial function (for tests of the search alone).
     """
+    import ray
     from ray import tune
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
+    from search_spaces.cleanup import ReleaseStoppedTrials, release_all
     from search_spaces.tracking import SweepTracking, TrialRunCallback
     from search_spaces.tune_search import TargetStopper, build_param_space, build_scheduler, build_search_alg
     from trainers.data import check_data
@@ -202,8 +200,11 @@ def run_sweep(spec: SweepSpec, *, sweep_id: str, storage_path: str, mlflow_uri: 
     tracking = SweepTracking(mlflow_uri, spec, sweep_id, ray_job_id)
     tracking.open_parent(resume=restoring)
     trial_runs = TrialRunCallback(tracking, spec.metric, spec.mode, spec.scheduler_max_epochs())
+    job_id = ray.get_runtime_context().get_job_id()
     # result files are the trial history (table, curves) even when auto loggers are disabled
     run_callbacks = [JsonLoggerCallback(), CSVLoggerCallback(), trial_runs, *callbacks]
+    if spec.resources.uses_train:  # stopped Train trials leave no placement group behind (search_spaces.cleanup)
+        run_callbacks.append(ReleaseStoppedTrials(job_id))
     ctx = TrialContext(spec.model_dump(mode="json"), sweep_id, _join(storage_path, sweep_id, "_train"))
     fn = trainable or tune.with_parameters(run_trial, ctx=ctx)
     fn = tune.with_resources(fn, trial_resources(spec) if trainable is None else TRIAL_DRIVER_RESOURCES)
@@ -224,7 +225,10 @@ def run_sweep(spec: SweepSpec, *, sweep_id: str, storage_path: str, mlflow_uri: 
                 scheduler=build_scheduler(spec, tracking.assign_trial_run),
                 # both search algorithms carry the concurrency limit themselves
                 num_samples=spec.num_samples,
-                time_budget_s=spec.time_budget_s, reuse_actors=False,
+                time_budget_s=spec.time_budget_s,
+                # a trial process that ended on its own runs the next trial: its imports (torch, Ray Train)
+                # are paid once; a trial stopped mid-run is never reused (Tune kills its process)
+                reuse_actors=True,
             ),
             run_config=tune.RunConfig(
                 name=sweep_id, storage_path=storage_path, callbacks=run_callbacks, stop=stopper, verbose=0,
@@ -244,6 +248,8 @@ def run_sweep(spec: SweepSpec, *, sweep_id: str, storage_path: str, mlflow_uri: 
         raise
     finally:
         _restore_sigterm(previous)
+        if spec.resources.uses_train:
+            release_all(job_id)
     return _finish(spec, sweep_id, experiment_path, grid, tracking, restoring, time.monotonic() - started,
                    interrupted=trial_runs.interrupted.is_set(),
                    running=trial_runs.started - trial_runs.ended)

@@ -252,14 +252,21 @@ class ResourcesConfig(BaseModel):
     max_concurrent_trials: int | None = Field(
         None, ge=1, description="Default: what the cluster fits, total GPUs (or CPUs) / per-trial GPUs (or CPUs).")
     in_process: bool = Field(
-        True, description="Run single-worker trials inside the Tune trial process instead of a Ray Train worker "
-        "group: several seconds less start-up per trial; checkpoints, retries and resume then go through Tune. "
-        "Multi-worker trials always use Ray Train (DDP).")
+        False, description="Opt-in for quick CPU sweeps: run single-worker, CPU-only trials inside the Tune trial "
+        "process instead of as a Ray Train run (no worker group; checkpoints, retries and resume go through Tune). "
+        "Default false: every trial is a Ray Train run. Refused with workers_per_trial > 1 or GPUs.")
+
+    @model_validator(mode="after")
+    def _in_process_only_for_one_cpu_worker(self) -> ResourcesConfig:
+        if self.in_process and (self.workers_per_trial > 1 or self.gpus_per_worker > 0):
+            raise ValueError("resources.in_process: true is only for single-worker CPU trials (workers_per_trial: 1, "
+                             "gpus_per_worker: 0); remove it so the trials run on Ray Train")
+        return self
 
     @property
     def uses_train(self) -> bool:
-        """Whether trials run as Ray Train worker groups (else in the Tune trial process)."""
-        return self.workers_per_trial > 1 or not self.in_process
+        """Whether trials run as Ray Train runs (the default; the in_process opt-in runs them in the Tune trial)."""
+        return not self.in_process
 
     @property
     def threads_per_worker(self) -> int:
@@ -587,13 +594,16 @@ def sample_params(spec: SweepSpec, rng: np.random.Generator, grid_point: Mapping
     return values
 
 
-def trial_finetune(spec: SweepSpec, params: Mapping[str, Any]):
-    """The FinetuneConfig a trial with ``params`` trains (base overridden by the active params)."""
+def trial_finetune(spec: SweepSpec, params: Mapping[str, Any], *, torch_free: bool = False):
+    """The FinetuneConfig a trial with ``params`` trains (base overridden by the active params).
+
+    ``torch_free``: skip the checks that import timm (a trial's driver; its workers check everything)."""
     from trainers.config import FinetuneConfig
 
     # the trial's best model (and Ray Train's checkpoint ranking) follow the sweep's objective
     objective = {"best_metric": spec.metric, "best_mode": spec.mode}
-    return FinetuneConfig(**{**objective, **spec.base, **{k: v for k, v in params.items() if v is not None}})
+    data = {**objective, **spec.base, **{k: v for k, v in params.items() if v is not None}}
+    return FinetuneConfig.validate_torch_free(data) if torch_free else FinetuneConfig.model_validate(data)
 
 
 # ------------------------------------------------------------------------------------------- loading

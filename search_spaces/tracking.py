@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 TAG_SWEEP = "convtune.sweep_id"
 TAG_TRIAL = "convtune.trial_id"
 TAG_KIND = "convtune.kind"
+TAG_EXECUTION = "convtune.execution"  # ray_train (every trial, by default) or in_process (the opt-in)
 TERMINAL = ("FINISHED", "FAILED", "KILLED")
 
 
@@ -102,7 +103,7 @@ class SweepTracking:
             return
         run = self.client.create_run(self.experiment_id, run_name=f"{self.sweep_id}-{trial.trial_id}", tags={
             "mlflow.parentRunId": self.parent_run_id, TAG_SWEEP: self.sweep_id, TAG_TRIAL: trial.trial_id,
-            TAG_KIND: "trial"})
+            TAG_KIND: "trial", TAG_EXECUTION: "ray_train" if self.spec.resources.uses_train else "in_process"})
         params = [Param(k, str(v)[:500]) for k, v in trial_params(self.spec, trial.config).items()]
         if params:
             self.client.log_batch(run.info.run_id, params=params)

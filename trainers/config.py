@@ -17,8 +17,19 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
+#: Validation context key: skip the checks that need timm (a Ray Train trial's driver validates its config
+#: without importing timm; the workers, which import it anyway, check everything).
+TORCH_FREE = "torch_free"
 DATASET_CLASSES = {"digits": 10}  # datasets whose class count is fixed
 # metrics a finetune reports every epoch that may pick its best model (`best_metric`)
 BEST_METRICS = ("val_top1", "val_top5", "val_loss", "train_loss", "ema_val_top1", "ema_val_top5", "ema_val_loss")
@@ -160,9 +171,11 @@ class FinetuneConfig(BaseModel):
 
     @field_validator("aa")
     @classmethod
-    def _known_auto_augment(cls, value: str | None) -> str | None:
+    def _known_auto_augment(cls, value: str | None, info: ValidationInfo) -> str | None:
         if value in (None, "", "none"):
             return None
+        if (info.context or {}).get(TORCH_FREE):  # the workers check it again, with timm
+            return value
         try:
             from timm.data import auto_augment as taa
         except ImportError:
@@ -299,6 +312,11 @@ class FinetuneConfig(BaseModel):
         if not isinstance(data, dict):
             raise ValueError(f"{path}: expected a mapping of field: value, got {type(data).__name__}")
         return cls.from_dict(data)
+
+    @classmethod
+    def validate_torch_free(cls, data: dict[str, Any]) -> FinetuneConfig:
+        """Every check but the ones that import timm (see `TORCH_FREE`)."""
+        return cls.model_validate(data, context={TORCH_FREE: True})
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> FinetuneConfig:

@@ -312,6 +312,8 @@ def train_loop_per_worker(config: dict[str, Any], *, reporter: Reporter | None =
     In Ray Train, reports go to `ray.train.report`; in a plain process to `reporter(metrics, ckpt_dir)`
     (the directory is deleted after the call returns; see `LocalReporter`).
     """
+    if config.get("mlflow"):  # MLflow's import (seconds) overlaps building the data and model
+        _import_in_background("mlflow.tracking")
     cfg = FinetuneConfig.model_validate(config["finetune"])
     env = WorkerEnv.detect()
     if config.get("cpus_per_worker"):
@@ -550,6 +552,20 @@ def _start_mlflow(config, cfg, env, groups, lr_schedule, updates_per_epoch, resu
     logger.log_setup(params={**cfg.to_dict(), **derived}, groups=groups, schedule=lr_schedule,
                      model_name=cfg.model)
     return logger
+
+
+def _import_in_background(module: str) -> None:
+    """Start importing `module` in a daemon thread; a later import of it waits for that one (import lock)."""
+    import importlib
+    import sys
+    import threading
+
+    def run() -> None:
+        with contextlib.suppress(Exception):  # the real import later reports any error
+            importlib.import_module(module)
+
+    if module not in sys.modules:
+        threading.Thread(target=run, name=f"import-{module}", daemon=True).start()
 
 
 def _progress_sink(queue) -> Callable[[dict[str, Any]], None]:

@@ -96,6 +96,8 @@ class _Call:
     what: str
     fn: Callable[[], None]
     key: str | None = None  # a newer call with the same key replaces a pending one (e.g. the best checkpoint)
+    urgent: bool = False  # an epoch's metrics: delivered before pending deferrable calls (set-up, artifacts)
+    deferrable: bool = False
 
 
 class Outbox:
@@ -121,7 +123,12 @@ class Outbox:
         with self.cond:
             if call.key is not None:
                 self.pending = collections.deque(c for c in self.pending if c.key != call.key)
-            self.pending.append(call)
+            if call.urgent:  # ahead of the deferrable calls, behind the one being delivered and other urgent ones
+                first = int(self.busy)
+                at = next((i for i, c in enumerate(self.pending) if i >= first and c.deferrable), len(self.pending))
+                self.pending.insert(at, call)
+            else:
+                self.pending.append(call)
             if len(self.pending) > self.max_items:
                 oldest = next((c for c in self.pending if c.what == "metrics"), self.pending[0])
                 self.pending.remove(oldest)
@@ -138,11 +145,12 @@ class Outbox:
             return self.cond.wait_for(lambda: not self.pending and not self.busy, timeout)
 
     def settle(self, timeout: float) -> None:
-        """Wait until the buffer is empty, unless MLflow is (or turns out to be) unreachable: then return at
-        once. While the server answers, an epoch's metrics are stored before the loop reports the epoch,
-        so a trial that Tune stops right after its report loses nothing."""
+        """Wait until no urgent call (an epoch's metrics) is pending, unless MLflow is (or turns out to be)
+        unreachable: then return at once. While the server answers, an epoch's metrics are stored before the
+        loop reports the epoch, so a trial that Tune stops right after its report loses nothing; the set-up
+        calls and artifacts (deferrable) go on in the background."""
         with self.cond:
-            self.cond.wait_for(lambda: self.down or (not self.pending and not self.busy), timeout)
+            self.cond.wait_for(lambda: self.down or not any(c.urgent for c in self.pending), timeout)
 
     def __len__(self) -> int:
         with self.cond:
@@ -211,16 +219,18 @@ def _rejected(error: Exception | str) -> bool:
 class RunLogger:
     """Rank 0's MLflow run for one finetune.
 
-    Opening the run is synchronous (a wrong URI fails at once); every later call is buffered in an
-    `Outbox`, so training never waits for MLflow.
+    A run created here is opened synchronously (a wrong URI fails at once). A given run (`run_id`, a
+    sweep's trial) costs the training nothing: MLflow is imported and its client made by the `Outbox`
+    thread on its first call, while the worker builds its data and model. Every call is buffered, so
+    training never waits for MLflow.
     """
 
     def __init__(self, settings: dict[str, Any]):
-        from mlflow.tracking import MlflowClient
-
         self.tracking_uri = absolute_tracking_uri(settings.get("tracking_uri"))
-        self.client = MlflowClient(self.tracking_uri)
+        self._client = None
+        self._client_lock = threading.Lock()
         self.owns_run = not settings.get("run_id")
+        self.experiment_id: str | None = None
         if self.owns_run:
             name = settings.get("experiment_name") or DEFAULT_EXPERIMENT
             exp = self.client.get_experiment_by_name(name)
@@ -231,9 +241,18 @@ class RunLogger:
             self.experiment_id = exp_id
         else:
             self.run_id = settings["run_id"]
-            self.experiment_id = self.client.get_run(self.run_id).info.experiment_id
         self.outbox = Outbox(self.tracking_uri, **settings.get("outbox", {}))
         self.spool = Path(tempfile.mkdtemp(prefix="convtune-mlflow-"))  # artifact copies awaiting upload
+
+    @property
+    def client(self):
+        """The `MlflowClient`, made on first use (importing MLflow takes seconds)."""
+        with self._client_lock:
+            if self._client is None:
+                from mlflow.tracking import MlflowClient
+
+                self._client = MlflowClient(self.tracking_uri)
+            return self._client
 
     def log_params(self, params: dict[str, Any]) -> None:
         """Log the resolved config; keys the run already holds (a sweep may log them) are skipped."""
@@ -245,7 +264,7 @@ class RunLogger:
             for i in range(0, len(items), 100):  # MLflow's per-batch param limit
                 self.client.log_batch(self.run_id, params=items[i : i + 100])
 
-        self.outbox.put(_Call("params", send))
+        self.outbox.put(_Call("params", send, deferrable=True))
 
     def log_metrics(self, metrics: dict[str, Any], step: int) -> None:
         from mlflow.entities import Metric
@@ -253,12 +272,12 @@ class RunLogger:
         now = int(time.time() * 1000)  # the time of the epoch, not of the (possibly late) delivery
         items = [Metric(k, float(v), now, step) for k, v in metrics.items()
                  if isinstance(v, int | float) and not isinstance(v, bool)]
-        self.outbox.put(_Call("metrics", lambda: self.client.log_batch(self.run_id, metrics=items)))
+        self.outbox.put(_Call("metrics", lambda: self.client.log_batch(self.run_id, metrics=items), urgent=True))
         self.outbox.settle(SETTLE_S)
 
     def log_text(self, text: str, artifact_file: str) -> None:
         self.outbox.put(_Call(f"text {artifact_file}", lambda: self.client.log_text(self.run_id, text, artifact_file),
-                              key=f"text:{artifact_file}"))
+                              key=f"text:{artifact_file}", deferrable=True))
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         """Upload a copy of `path` (the caller may delete it at once); a newer file for the same artifact
@@ -281,10 +300,15 @@ class RunLogger:
         self.log_params(params)
         self.log_text(param_group_table(groups), "param_groups.txt")
         self.log_text(json.dumps(group_summaries(groups), indent=1), "param_groups.json")
-        with tempfile.TemporaryDirectory() as tmp:
-            plot = plot_lr_schedule(Path(tmp) / "lr_schedule.png", schedule, groups,
-                                    f"{model_name}: {schedule.name}, base lr {schedule.base_lr:.3g}")
-            self.log_artifact(plot)
+        groups = [{"name": g["name"], "lr_scale": g["lr_scale"]} for g in groups]  # no tensors in the thread
+        title = f"{model_name}: {schedule.name}, base lr {schedule.base_lr:.3g}"
+
+        def send_plot() -> None:  # drawn by the Outbox thread (matplotlib is imported there), off the loop
+            with tempfile.TemporaryDirectory() as tmp:
+                plot = plot_lr_schedule(Path(tmp) / "lr_schedule.png", schedule, groups, title)
+                self.client.log_artifact(self.run_id, str(plot))
+
+        self.outbox.put(_Call("artifact lr_schedule.png", send_plot, key="artifact:/lr_schedule.png", deferrable=True))
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait for the buffered calls (default `CONVTUNE_MLFLOW_FLUSH_TIMEOUT_S`); False if some remain."""

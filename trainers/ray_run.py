@@ -24,6 +24,10 @@ from trainers.config import FinetuneConfig
 
 SCORE_ATTR = "val_top1"
 WORKER_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+#: Ray Train settings a run's driver sets unless the user did (Train passes them on to its controller and
+#: workers). The controller polls its workers every health-check interval: Ray's default of 2 s delays each
+#: report and the end of a run by up to 2 s; 0.2 s costs one cheap actor call per worker per interval.
+TRAIN_ENV_DEFAULTS = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", **WORKER_ENV}
 
 
 def default_storage_path() -> str:
@@ -69,13 +73,15 @@ def build_torch_trainer(
 
     from trainers.loop import train_loop_per_worker
 
+    for key, value in TRAIN_ENV_DEFAULTS.items():  # read by fit(), which passes them on to the controller
+        os.environ.setdefault(key, value)
     threads = max(1, int(cpus_per_worker))  # a fractional reservation still runs one thread
     if isinstance(config, FinetuneConfig) or "finetune" not in config:
         config = train_loop_config(config, cpus_per_worker=threads)
     else:
-        FinetuneConfig.model_validate(config["finetune"])  # fail here, not on every worker
         config = {**config, "cpus_per_worker": threads}
-    cfg = FinetuneConfig.model_validate(config["finetune"])
+    # fail here, not on every worker; without importing timm (seconds per trial), which the workers do
+    cfg = FinetuneConfig.validate_torch_free(config["finetune"])
     resources = {"CPU": cpus_per_worker}
     if use_gpu:
         resources["GPU"] = gpus_per_worker or 1
@@ -136,19 +142,41 @@ class FinetuneResult:
         return str(Path(self.storage_path) / self.name)
 
 
+def cluster_env(address: str | None, dashboard_url: str | None = None) -> dict[str, str]:
+    """Env vars for every process of this driver's job, so a State API call in any actor finds *this*
+    cluster. Ray Train's placement-group cleaner (a detached actor per run) checks its controller through
+    the State API; without these it resolves the cluster from /tmp/ray's address file, which on a host with
+    another (or an earlier) Ray points elsewhere: each call then waits 10-40 s, every Train run's shutdown
+    waits 12 s for the cleaner, and a stopped trial's placement group leaks (docs/sweeps.md)."""
+    env = {**WORKER_ENV}
+    if address and "://" not in address and address not in ("auto", "local"):
+        env["RAY_ADDRESS"] = address  # host:port of the GCS, as Ray Jobs give their drivers
+    elif dashboard_url:
+        env["RAY_API_SERVER_ADDRESS"] = dashboard_url
+    return env
+
+
 def ensure_ray(address: str | None = None, *, num_cpus: int | None = None) -> tuple[bool, str | None]:
-    """Attach to `address`, or start a local Ray with the dashboard. Returns (started here, dashboard URL)."""
+    """Attach to `address` (else $RAY_ADDRESS, as in a Ray job), or start a local Ray with the dashboard
+    (Train's placement-group cleaner needs the State API). Returns (started here, dashboard URL)."""
+    import socket
+
     import ray
 
     if ray.is_initialized():
         return False, None
-    env_vars = {**WORKER_ENV}
+    address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ctx = ray.init(address=address, log_to_driver=False, runtime_env={"env_vars": env_vars})
+        # inside a Ray job the job's runtime_env is merged with this one (distinct keys)
+        ctx = ray.init(address=address, log_to_driver=False, runtime_env={"env_vars": cluster_env(address)})
     else:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private local cluster: no token needed
-        ctx = ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1", num_cpus=num_cpus,
-                       log_to_driver=False, runtime_env={"env_vars": env_vars})
+        with socket.socket() as sock:  # the dashboard's port, known before the workers start
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        ctx = ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
+                       num_cpus=num_cpus, log_to_driver=False,
+                       runtime_env={"env_vars": cluster_env(None, f"http://127.0.0.1:{port}")})
     url = getattr(ctx, "dashboard_url", None)
     return address is None, (f"http://{url}" if url and "://" not in url else url)
 
