@@ -59,13 +59,13 @@ def stored_sweeps(http) -> int:
 @pytest.mark.parametrize(("body", "media", "words"), [
     ("[" * 50_000 + "]" * 50_000, "application/json", ["nested deeper"]),
     ("- " * 50_000 + "x", "application/yaml", ["nested deeper"]),
-    ('{"name": "x", "num_samples": ' + "9" * 5000 + "}", "application/json", ["5000 digits"]),
-    ("name: x\nnum_samples: " + "9" * 5000, "application/yaml", ["5000 digits"]),
+    ('{"name": "x", "num_samples": ' + "9" * 5000 + "}", "application/json", ["num_samples", "5000 digits"]),
+    ("name: x\nnum_samples: " + "9" * 5000, "application/yaml", ["num_samples", "5000 digits"]),
     ("name: x\nbase: {model: convnextv2_atto}\nspace:\n  blr: {type: uniform, low: 0.1, high: .inf}\n",
      "application/yaml", ["space.blr.high", "finite"]),
     ("name: x\nbase: &a {x: *a}\n", "application/yaml", ["aliases"]),
-    ('{"name": "x", "num_samples": 1000000000000000000000000000000}', "application/json", ["31 digits"]),
-    ('{"name": "x", "time_budget_s": Infinity}', "application/json", ["finite"]),
+    ('{"name": "x", "num_samples": 1000000000000000000000000000000}', "application/json", ["num_samples", "31 digits"]),
+    ('{"name": "x", "time_budget_s": Infinity}', "application/json", ["time_budget_s", "finite"]),
 ])
 def test_malformed_bodies_get_422_naming_the_problem(http, path, body, media, words):
     before = stored_sweeps(http)
@@ -86,6 +86,33 @@ def test_numbers_past_the_server_caps_are_refused(http, path):
 
 
 @pytest.mark.parametrize("path", ENDPOINTS)
+@pytest.mark.parametrize("num_samples", [10**30, 2**63, 10**18 + 1])
+def test_a_huge_num_samples_with_tpe_gets_422_not_a_database_overflow(http, path, num_samples):
+    """A valid TPE spec whose num_samples does not fit SQLite's 64-bit INTEGER (it answered 500)."""
+    before = stored_sweeps(http)
+    body = json.dumps({**VALID, "search": {"algorithm": "tpe"}}).replace('"num_samples": 2',
+                                                                       f'"num_samples": {num_samples}')
+    assert str(num_samples) in body
+    assert_422(post(http, path, body), "num_samples")
+    assert stored_sweeps(http) == before
+
+
+@pytest.mark.parametrize("path", ENDPOINTS)
+@pytest.mark.parametrize(("field", "json_text", "yaml_text"), [
+    ("time_budget_s", "Infinity", ".inf"), ("time_budget_s", "NaN", ".nan"), ("stop_at", "-Infinity", "-.inf"),
+    ("stop_at", "NaN", ".NaN")])
+def test_non_finite_numbers_in_an_otherwise_valid_spec_are_refused(http, path, field, json_text, yaml_text):
+    """They used to pass validation and be stored as null (a spec the driver then rejects)."""
+    before = stored_sweeps(http)
+    as_json = json.dumps(VALID)[:-1] + f', "{field}": {json_text}}}'
+    assert_422(post(http, path, as_json), "finite")
+    as_yaml = json.dumps(VALID) + "\n"  # JSON is YAML; add the field YAML's way
+    as_yaml = as_yaml[:-2] + f', "{field}": {yaml_text}}}\n'
+    assert_422(post(http, path, as_yaml, "application/yaml"), field, "finite")
+    assert stored_sweeps(http) == before
+
+
+@pytest.mark.parametrize("path", ENDPOINTS)
 def test_alias_amplification_is_refused_not_expanded(http, path):
     laughs = "name: x\na: &a [1,1,1,1,1,1,1,1,1]\n" + "".join(
         f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join(['*' + chr(97 + i)] * 9)}]\n" for i in range(8))
@@ -101,6 +128,11 @@ def test_a_grid_is_counted_not_built(http, path):
     assert len(json.dumps(spec)) < 1500
     # 10**7 combinations: answered from the product of value counts (building it took 10 s and GBs)
     assert_422(post(http, path, json.dumps(spec)), "10000000")
+    # 10**12 combinations could not be built at all (terabytes): only a count answers this one
+    more = ["mixup", "cutmix", "mixup_prob", "mixup_switch_prob", "model_ema_decay"]
+    space.update({n: {"type": "grid", "values": [round(0.05 + 0.05 * i, 2) for i in range(10)]} for n in more})
+    assert len(space) == 12
+    assert_422(post(http, path, json.dumps({**spec, "space": space})), "1000000000000")
 
 
 @pytest.mark.parametrize("path", ENDPOINTS)
