@@ -183,6 +183,36 @@ def test_non_numeric_content_length_gets_400(server):
     assert reply.startswith("HTTP/1.1 400"), reply[:200]
 
 
+@pytest.mark.parametrize("value", [b"twelve", b"12abc", b"-1", b" "])
+def test_non_numeric_content_length_gets_400_from_the_app_itself(tmp_path, value):
+    """uvicorn's parsers (h11, httptools) already answer 400 above; servers or clients that hand the header
+    through (other ASGI servers, in-process clients) reached `int(...)` in the body limit: a 500."""
+    import asyncio
+
+    from service.app import create_app
+    from service.settings import Settings
+
+    app = create_app(Settings(data_dir=tmp_path, ray_address="http://127.0.0.1:9",
+                              mlflow_tracking_uri="http://127.0.0.1:9"))
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+             "scheme": "http", "path": "/v1/sweeps/validate", "raw_path": b"/v1/sweeps/validate",
+             "query_string": b"", "root_path": "", "client": ("127.0.0.1", 50000), "server": ("127.0.0.1", 8000),
+             "headers": [(b"host", b"127.0.0.1"), (b"content-type", b"application/json"),
+                         (b"content-length", value)]}
+    sent = []
+
+    async def receive():
+        return {"type": "http.request", "body": b"{}", "more_body": False}
+
+    async def send(message):
+        sent.append(message)
+
+    asyncio.run(app(scope, receive, send))
+    start = next(m for m in sent if m["type"] == "http.response.start")
+    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    assert start["status"] == 400 and b"Content-Length" in body, (start, body)
+
+
 def test_cancelling_needs_no_body_but_a_content_type(http):
     resp = http.post("/v1/sweeps/sw-0123456789ab/cancel", headers={"Content-Type": "application/json"})
     assert resp.status_code == 404
