@@ -67,8 +67,7 @@ class _Loader(yaml.SafeLoader):
     def construct_yaml_int(self, node):
         digits = node.value.lstrip("+-").replace("_", "")
         if len(digits) > MAX_INT_DIGITS + 2:  # +2: a 0x / 0o prefix
-            raise _error(_where(node.start_mark), f"an integer of {len(digits)} digits; numbers must have at most "
-                         f"{MAX_INT_DIGITS} digits")
+            return _LongInt(len(digits))
         return super().construct_yaml_int(node)
 
 
@@ -82,15 +81,21 @@ def _where(mark) -> str:
     return f"<document> line {mark.line + 1}, column {mark.column + 1}"
 
 
-def _json_int(text: str) -> int:
-    if len(text.lstrip("-")) > MAX_INT_DIGITS:
-        raise _error("<document>", f"an integer of {len(text.lstrip('-'))} digits; numbers must have at most "
-                     f"{MAX_INT_DIGITS} digits")
-    return int(text)
+class _LongInt:
+    """An integer too long to convert (Python's digit limit), kept as its length so that
+    :func:`check_plain_data` can name the field it was given for."""
+
+    def __init__(self, digits: int):
+        self.digits = digits
 
 
-def _json_constant(name: str):
-    raise _error("<document>", f"{name} is not a number a spec accepts; numbers must be finite")
+def _json_int(text: str) -> int | _LongInt:
+    digits = len(text.lstrip("-"))
+    return _LongInt(digits) if digits > MAX_INT_DIGITS else int(text)
+
+
+def _json_constant(name: str) -> float:
+    return float(name)  # NaN / Infinity / -Infinity: refused by check_plain_data, which names the field
 
 
 def load_spec_text(text: str | bytes, fmt: Literal["json", "yaml"]) -> Any:
@@ -140,6 +145,9 @@ def check_plain_data(data: Any) -> None:
             stack.extend((f"{where}[{i}]", item, depth + 1) for i, item in enumerate(value))
         elif isinstance(value, bool) or value is None or isinstance(value, str):
             continue
+        elif isinstance(value, _LongInt):
+            errors.append({"field": field, "message": f"an integer of {value.digits} digits; numbers must have at "
+                           f"most {MAX_INT_DIGITS} digits"})
         elif isinstance(value, float) and not math.isfinite(value):
             errors.append({"field": field, "message": f"{value} is not accepted; numbers must be finite"})
         elif isinstance(value, (int, float)) and abs(value) > MAX_ABS_NUMBER:

@@ -1,8 +1,9 @@
 """`convtune submit|status|watch|cancel|resume|logs|open`: the REST client of a running service.
 
 The API is found at --api, else $CONVTUNE_API_URL, else the stack `convtune up` started (its
-state file in the data folder), else http://127.0.0.1:8000. A token comes from $CONVTUNE_API_TOKEN,
-else --token (visible to other users in `ps`), else a prompt when the API asks for one on a terminal.
+state file in the data folder), else http://127.0.0.1:8000. A token comes from --token (its value is
+visible to other users in `ps`: prefer the environment), else $CONVTUNE_API_TOKEN, else a prompt (not
+echoed) when the API answers 401 on a terminal.
 """
 
 from __future__ import annotations
@@ -214,13 +215,17 @@ def run_logs(args) -> int:
     if not args.follow:
         sys.stdout.write(api.request("GET", f"/v1/sweeps/{args.id}/logs", params=params).text)
         return 0
-    with api.transport_errors(), api.http.stream("GET", f"/v1/sweeps/{args.id}/logs", params=params) as resp:
-        if resp.status_code >= 400:
-            resp.read()
-            raise ApiError(error_message(resp))
-        for chunk in resp.iter_text():
-            sys.stdout.write(chunk)
-            sys.stdout.flush()
+    for asked in (False, True):  # a 401 asks for a token (on a terminal) once, then streams again
+        with api.transport_errors(), api.http.stream("GET", f"/v1/sweeps/{args.id}/logs", params=params) as resp:
+            if resp.status_code == 401 and not asked and api.ask_token():
+                continue
+            if resp.status_code >= 400:
+                resp.read()
+                raise ApiError(error_message(resp))
+            for chunk in resp.iter_text():
+                sys.stdout.write(chunk)
+                sys.stdout.flush()
+            return 0
     return 0
 
 

@@ -241,14 +241,21 @@ def run_down(args) -> int:
 
 def run_serve(args) -> int:
     import uvicorn
+    from pydantic import ValidationError
 
     from service.app import create_app
     from service.settings import Settings
 
     overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
-    settings = Settings(**overrides)
     try:
+        settings = Settings(**overrides)
         settings.check_bind()
+    except ValidationError as exc:  # e.g. a token under 32 characters: one line per setting, no traceback
+        for err in exc.errors():
+            name = "CONVTUNE_" + "_".join(str(p) for p in err.get("loc", ())).upper()
+            msg = err["msg"].removeprefix("Value error, ")
+            print(f"error: {msg if msg.startswith(name) else f'{name}: {msg}'}", file=sys.stderr)
+        return 2
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

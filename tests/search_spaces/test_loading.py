@@ -25,6 +25,14 @@ def test_deep_nesting_is_refused_without_recursion_errors(fmt, text):
                                        ("yaml", "n: 1000000000000000000000000000000")])
 def test_huge_integers_are_refused(fmt, text):
     assert "digits" in refused(text, fmt)
+    assert refused(text, fmt).startswith("n: ")  # named by the field, not by a place in the text
+
+
+def test_json_numbers_are_refused_at_their_field():
+    assert refused('{"space": {"blr": {"high": Infinity}}}', "json").startswith("space.blr.high: ")
+    assert refused('{"a": [1, NaN]}', "json").startswith("a[1]: ")
+    assert refused('{"a": {"b": ' + "1" * 40 + "}}", "json") == "a.b: an integer of 40 digits; numbers must have " \
+        "at most 18 digits"
 
 
 @pytest.mark.parametrize("fmt, text", [("yaml", "high: .inf"), ("yaml", "x: .nan"), ("json", '{"a": Infinity}'),

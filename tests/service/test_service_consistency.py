@@ -177,6 +177,12 @@ def test_a_submit_whose_answer_is_lost_after_ray_accepted_the_job_keeps_tracking
 
         assert owner_tag == settings.owner_tag(token_owner(settings, ALICE))
         assert len(owner_tag) == 32 and ALICE not in owner_tag
+        listed = httpx.get(f"http://127.0.0.1:{port}/v1/sweeps", timeout=30,
+                           headers={"Authorization": f"Bearer {ALICE}"}).json()["items"]
+        assert [(i["id"], i["owner"]) for i in listed] == [(sweep_id, token_owner(settings, ALICE))]
+        # the driver checks the spec's paths again on the node, against the roots the service hands it
+        roots = job.runtime_env["env_vars"]["CONVTUNE_DATA_ROOTS"]
+        assert roots == ",".join(str(p) for p in settings.data_roots)
     finally:
         helpers.cancel_all_jobs(ray_cluster.dashboard_url)
         server.should_exit = True

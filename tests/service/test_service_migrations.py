@@ -4,22 +4,46 @@ alembic_version) keeps every sweep when the API starts, and the revisions end eq
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 
-from sqlalchemy import create_engine, inspect, text
+from sqlalchemy import Column, DateTime, Integer, MetaData, String, Table, Text, create_engine, inspect, text
+
+# The sweeps table of convtune 0.1.0, frozen here as its service/models.py declared it (commit 3e6e944), so
+# that later model changes and migrations are tested against the schema real installs have, not today's.
+V010 = MetaData()
+V010_SWEEPS = Table(
+    "sweeps", V010,
+    Column("id", String(64), primary_key=True),
+    Column("name", String(200), nullable=False),
+    Column("status", String(16), nullable=False, index=True),
+    Column("message", Text),
+    Column("spec_json", Text, nullable=False),
+    Column("spec_hash", String(64), nullable=False),
+    Column("idempotency_key", String(200), unique=True),
+    Column("owner", String(64)),
+    Column("total_trials", Integer),
+    Column("attempt", Integer, nullable=False),
+    Column("ray_job_id", String(128), nullable=False),
+    Column("mlflow_experiment_id", String(64)),
+    Column("mlflow_parent_run_id", String(64)),
+    Column("created_at", DateTime(timezone=True), nullable=False, index=True),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+    Column("finished_at", DateTime(timezone=True)),
+)
+CREATED = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
 
 
 def old_install(url: str, n: int = 5) -> list[str]:
-    """A database as convtune 0.1.0 left it: tables from create_all, sweeps in it, no alembic_version."""
-    from service.models import Base, Sweep
-
+    """A database as convtune 0.1.0 left it: its create_all tables, sweeps in it, no alembic_version."""
     engine = create_engine(url)
-    Base.metadata.create_all(engine)
+    V010.create_all(engine)
     ids = [f"sw-{i:012x}" for i in range(n)]
     with engine.begin() as conn:
-        conn.execute(Sweep.__table__.insert(), [
+        conn.execute(V010_SWEEPS.insert(), [
             {"id": i, "name": f"old-{k}", "status": "SUCCEEDED", "spec_json": json.dumps({"name": f"old-{k}"}),
              "spec_hash": "0" * 64, "idempotency_key": f"key-{k}", "owner": "local", "total_trials": 3,
-             "attempt": 1, "ray_job_id": i} for k, i in enumerate(ids)])
+             "attempt": 1, "ray_job_id": i, "mlflow_experiment_id": str(k), "mlflow_parent_run_id": f"run-{k}",
+             "created_at": CREATED, "updated_at": CREATED, "finished_at": CREATED} for k, i in enumerate(ids)])
     engine.dispose()
     return ids
 
@@ -33,8 +57,12 @@ def test_an_existing_install_is_stamped_and_upgraded_without_losing_sweeps(datab
     db = Database(url)  # what `convtune serve` / `convtune up` do on start
     with db.engine.connect() as conn:
         assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == head()
-        rows = conn.execute(text("SELECT id, name, idempotency_key FROM sweeps ORDER BY id")).all()
-    assert [r.id for r in rows] == ids and rows[0].name == "old-0" and rows[0].idempotency_key == "key-0"
+        rows = conn.execute(text("SELECT id, name, idempotency_key, spec_json, mlflow_parent_run_id, total_trials "
+                                 "FROM sweeps ORDER BY id")).all()
+    assert [r.id for r in rows] == ids
+    assert [(r.name, r.idempotency_key, r.mlflow_parent_run_id, r.total_trials) for r in rows] == [
+        (f"old-{k}", f"key-{k}", f"run-{k}", 3) for k in range(len(ids))]
+    assert json.loads(rows[1].spec_json) == {"name": "old-1"}
     Database(url)  # starting again changes nothing
     with db.engine.connect() as conn:
         assert conn.execute(text("SELECT count(*) FROM sweeps")).scalar() == len(ids)
@@ -54,6 +82,23 @@ def test_the_migrations_build_exactly_the_models_schema(database_url):
     assert {"alembic_version", "sweeps"} <= set(inspect(db.engine).get_table_names())
 
 
+def test_the_baseline_revision_is_the_010_schema(database_url):
+    """Stamping a 0.1.0 database at 0001 is right only if 0001 builds exactly the 0.1.0 tables."""
+    from alembic import command
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+
+    from service.migrate import BASELINE, _config
+
+    engine = create_engine(database_url)
+    with engine.begin() as conn:
+        command.upgrade(_config(conn), BASELINE)
+    with engine.connect() as conn:
+        diff = compare_metadata(MigrationContext.configure(conn), V010)
+    engine.dispose()
+    assert diff == [], f"revision {BASELINE} differs from the 0.1.0 schema: {diff}"
+
+
 def test_the_api_migrates_on_start(tmp_path, helpers, database_url):
     """`convtune serve` on a 0.1.0 database: the sweeps are there over HTTP."""
     import httpx
@@ -67,5 +112,6 @@ def test_the_api_migrates_on_start(tmp_path, helpers, database_url):
     try:
         page = httpx.get(f"{api.url}/v1/sweeps", timeout=30).json()
         assert sorted(item["id"] for item in page["items"]) == ids
+        assert sorted(item["name"] for item in page["items"]) == [f"old-{k}" for k in range(len(ids))]
     finally:
         api.kill()

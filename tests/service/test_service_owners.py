@@ -105,3 +105,47 @@ def test_tokens_resolve_to_their_named_owner_and_a_refused_submit_creates_nothin
     with as_(api, ALICE) as alice:
         assert alice.post("/v1/sweeps", json=SPEC).status_code == 503
         assert alice.get("/v1/sweeps").json()["total"] == 1
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def open_world(request, tmp_path_factory, helpers):
+    """Auth off (loopback only): sweeps recorded under tokens earlier and one recorded as `local`."""
+    from service.db import Database
+    from service.models import Sweep
+    from service.settings import Settings
+    from service.specs import check_spec
+    from service.sweeps import new_sweep_id
+
+    tmp = tmp_path_factory.mktemp("owners-off")
+    url = (request.getfixturevalue("postgres_server").new_database("owners_off") if request.param == "postgresql"
+           else f"sqlite:///{tmp / 'convtune.db'}")
+    env = {**helpers.service_env(tmp / "data", f"http://127.0.0.1:{helpers.free_port()}",
+                                 f"http://127.0.0.1:{helpers.free_port()}"), "CONVTUNE_DATABASE_URL": url}
+    settings = Settings(data_dir=tmp / "data", database_url=url)
+    db = Database(url)
+    checked = check_spec(json.loads(json.dumps(SPEC)), settings.data_roots)
+    ids = {}
+    with db.session() as s:
+        for owner in ("local", "alice", "token-0123456789abcdef0123456789abcdef"):
+            ids[owner] = new_sweep_id()
+            s.add(Sweep(id=ids[owner], name="off-sweep", status="STOPPED", spec_json=checked.canonical_json,
+                        spec_hash=checked.spec_hash, owner=owner, attempt=1, ray_job_id=ids[owner]))
+        s.commit()
+    api = helpers.ApiProcess(env, tmp / "api.log").start()
+    yield api, ids
+    api.kill()
+
+
+def test_auth_off_has_one_implicit_owner_who_sees_and_acts_on_every_sweep(open_world):
+    api, ids = open_world
+    with httpx.Client(base_url=api.url, timeout=30) as local:
+        page = local.get("/v1/sweeps").json()
+        assert {item["id"] for item in page["items"]} == set(ids.values()) and page["total"] == len(ids)
+        for sweep in ids.values():
+            for path in ("", "/trials", "/logs"):
+                assert local.get(f"/v1/sweeps/{sweep}{path}").status_code in (200, 503)  # past the owner check
+            for action in ("cancel", "resume"):
+                assert local.post(f"/v1/sweeps/{sweep}/{action}", headers=JSON).status_code not in (401, 403, 404)
+        assert local.get("/v1/sweeps/sw-000000000000").status_code == 404
+        assert local.post("/v1/sweeps", json=SPEC).status_code == 503  # Ray is down: refused, nothing stored
+        assert local.get("/v1/sweeps").json()["total"] == len(ids)
