@@ -61,7 +61,8 @@ def test_resume_from_a_checkpoint_matches_the_uninterrupted_run(tmp_path):
     resumed = run(cfg, tmp_path / "resumed", resume_from=str(full.checkpoints[0]))
     assert [m["epoch"] for m in resumed.history] == [2, 3]
     for a, b in zip(full.history[1:], resumed.history, strict=True):
-        for key in ("step", "lr", "lr_min", "lr_max", "weight_decay", "train_loss", "val_loss", "ema_val_loss"):
+        for key in ("step", "lr", "lr_min", "lr_max", "weight_decay", "train_loss", "val_loss", "ema_val_loss",
+                    "best_val_top1", "best_epoch", "best_ema_val_top1", "best_ema_val_top1_epoch"):
             assert a[key] == b[key], key
     end_full, end_resumed = load_state(full.checkpoints[-1]), load_state(resumed.checkpoints[-1])
     assert end_full["step"] == end_resumed["step"] == 9
@@ -173,6 +174,20 @@ def test_best_model_file_follows_the_configured_metric(tmp_path):
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["best_model.pt"]
 
 
+def test_ema_accuracy_can_pick_the_best_model(tmp_path):
+    # ConvNeXt-V2 tracks the model's and the EMA's best accuracy; best_metric: ema_val_top1 picks the file by the
+    # EMA's, while the model's best top-1 is still reported
+    cfg = FinetuneConfig(**{**TINY, "steps_per_epoch_limit": 2}, epochs=3, model_ema=True, model_ema_decay=0.5,
+                         model_ema_eval=True, best_metric="ema_val_top1")
+    history = run(cfg, output_dir=str(tmp_path / "out")).history
+    best = max(history, key=lambda m: m["ema_val_top1"])  # the first epoch that reached the maximum
+    last = history[-1]
+    assert (last["best_ema_val_top1"], last["best_epoch"]) == (best["ema_val_top1"], best["epoch"])
+    assert last["best_val_top1"] == max(m["val_top1"] for m in history)
+    saved = read_model_weights(last["best_model_path"])
+    assert (saved["epoch"], saved["metric"], saved["value"]) == (best["epoch"], "ema_val_top1", best["ema_val_top1"])
+
+
 @pytest.mark.parametrize("warmup", [False, True])
 def test_ema_decays_from_the_first_update_unless_warmup_is_on(tmp_path, warmup):
     cfg = FinetuneConfig(**{**TINY, "steps_per_epoch_limit": 1, "warmup_epochs": 0}, epochs=1, model_ema=True,
@@ -194,7 +209,8 @@ CUDA_ONLY_OPTIMIZERS = {n for n in OPTIMIZER_NAMES if n.startswith(("bnb", "fuse
 CPU_FAILING_OPTIMIZERS = {"kron", "kronc", "kronw"}
 
 
-@pytest.mark.parametrize("name", sorted(set(OPTIMIZER_NAMES) - CUDA_ONLY_OPTIMIZERS - CPU_FAILING_OPTIMIZERS))
+@pytest.mark.parametrize("name", sorted(set(OPTIMIZER_NAMES) - CUDA_ONLY_OPTIMIZERS - CPU_FAILING_OPTIMIZERS)
+                         + ["lookahead_adahessian"])  # the wrapper must pass is_second_order on
 def test_every_accepted_optimizer_steps_in_the_loop(name):
     # adahessian (second order) needs backward(create_graph=True); before the fix its first update raised
     cfg = FinetuneConfig(dataset="synthetic", synthetic_samples=2, num_classes=10, input_size=32, batch_size=2,
