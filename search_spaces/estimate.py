@@ -19,6 +19,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from trainers.config import DIGITS_TRAIN_IMAGES  # torch-free
+
 #: Forward GFLOPs per 224 px image (1,000 classes), from ``torch.utils.flop_counter.FlopCounterMode`` on
 #: ``timm.create_model(name)`` (tests/search_spaces/test_estimate.py keeps it equal to timm).
 MODEL_GFLOPS_224 = {
@@ -36,8 +38,6 @@ MODEL_GFLOPS_224 = {
 TRAIN_FLOPS_FACTOR = 3.0
 #: Per-trial cost beyond training (Ray Train / in-process trials), seconds, from benchmarks/bench_sweep.py.
 TRIAL_OVERHEAD_S = {"in_process": 8.0, "train": 16.0}
-#: Training images of the built-in datasets (digits: the fixed 80% split of scikit-learn's 1,797).
-DIGITS_TRAIN_IMAGES = 1437
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 

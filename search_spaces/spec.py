@@ -750,7 +750,10 @@ def _with_activated(spec: SweepSpec, params: dict[str, Any]) -> dict[str, Any]:
 
 def _try_finetune(spec: SweepSpec, params: Mapping[str, Any]) -> list[tuple[str, str]]:
     try:
-        trial_finetune(spec, params)
+        cfg = trial_finetune(spec, params)
+        # the schedule at the trial's updates per epoch, where the dataset's size is known here (digits,
+        # synthetic): searched milestones or batch sizes would otherwise fail on every worker of the trial
+        cfg.check_schedule(world_size=spec.resources.workers_per_trial)
     except ValidationError as exc:
         return [(".".join(str(p) for p in e["loc"]), e["msg"].removeprefix("Value error, ")) for e in exc.errors()]
     except (ValueError, TypeError) as exc:

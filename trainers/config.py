@@ -31,6 +31,7 @@ from pydantic import (
 #: without importing timm; the workers, which import it anyway, check everything).
 TORCH_FREE = "torch_free"
 DATASET_CLASSES = {"digits": 10}  # datasets whose class count is fixed
+DIGITS_TRAIN_IMAGES = 1437  # the fixed, stratified 80/20 split of scikit-learn's 1797 digits (trainers/data.py)
 # metrics a finetune reports every epoch that may pick its best model (`best_metric`)
 BEST_METRICS = ("val_top1", "val_top5", "val_loss", "train_loss", "ema_val_top1", "ema_val_top5", "ema_val_loss")
 
@@ -286,6 +287,33 @@ class FinetuneConfig(BaseModel):
             "cycles": self.cycles,
             "power": self.power,
         }
+
+    def updates_per_epoch(self, train_images: int, world_size: int) -> int:
+        """Optimizer updates per epoch: whole accumulation windows of each worker's (drop_last) shard, capped by
+        `steps_per_epoch_limit`; 0 when the batch does not fit the training set."""
+        updates = (train_images // world_size) // self.batch_size // self.accum_steps
+        return min(updates, self.steps_per_epoch_limit) if self.steps_per_epoch_limit and updates else updates
+
+    def known_train_images(self) -> int | None:
+        """The training-set size where it is known without reading data (digits, synthetic), else None."""
+        return {"digits": DIGITS_TRAIN_IMAGES, "synthetic": self.synthetic_samples}.get(self.dataset)
+
+    def check_schedule(self, *, world_size: int) -> None:
+        """Where the training set's size is known without reading data (digits, synthetic): raise a ValueError
+        naming the field when the batch does not fit it or the LR schedule cannot be built at the run's updates
+        per epoch (milestones that round together, a warmup as long as the run). Torch-free, so sweep specs are
+        checked with it; `trainers.data.check_data` does the same for every dataset before training."""
+        images = self.known_train_images()
+        if images is None:
+            return
+        updates = self.updates_per_epoch(images, world_size)
+        if updates == 0:
+            raise ValueError(f"batch_size: {self.batch_size} x accum_steps {self.accum_steps} x {world_size} "
+                             f"worker(s) is larger than the {images} training images; lower batch_size or "
+                             "accum_steps")
+        from trainers.schedules import build_lr_schedule  # torch-free
+
+        build_lr_schedule(**self.schedule_kwargs(updates_per_epoch=updates, world_size=world_size))
 
     def wd_schedule_kwargs(self, *, updates_per_epoch: int) -> dict[str, Any]:
         """Arguments of `build_wd_schedule`."""

@@ -326,11 +326,11 @@ class Loaders:
 
 def updates_per_epoch(cfg: FinetuneConfig, train_images: int, world_size: int) -> int:
     """Optimizer updates per epoch: whole accumulation windows of each worker's (drop_last) shard."""
-    updates = (train_images // world_size) // cfg.batch_size // cfg.accum_steps
+    updates = cfg.updates_per_epoch(train_images, world_size)
     if updates == 0:
         raise DataError(f"batch_size: {cfg.batch_size} x accum_steps {cfg.accum_steps} x {world_size} worker(s) "
                         f"is larger than the {train_images} training images; lower batch_size or accum_steps")
-    return min(updates, cfg.steps_per_epoch_limit) if cfg.steps_per_epoch_limit else updates
+    return updates
 
 
 def loader_workers(cfg: FinetuneConfig, cpus_per_worker: int) -> int:

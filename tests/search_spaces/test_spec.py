@@ -418,3 +418,19 @@ def test_fractional_cpus_follow_one_rule_everywhere():
                                   cpus_per_worker=spec.resources.cpus_per_worker)
     assert trainer.scaling_config.resources_per_worker == {"CPU": 0.5}  # reserved as given, not max(1, int(c))
     assert trainer.train_loop_config["cpus_per_worker"] == 1  # one torch thread
+
+
+def test_searched_schedule_values_are_checked_at_the_trials_updates_per_epoch():
+    # digits at batch 500 on 2 workers: 718 images per worker, 1 update per epoch, so milestones [0.2, 0.4] are
+    # updates [0, 0]: FinetuneConfig alone cannot know that, and every worker of such a trial used to fail
+    space = {"schedule": {"type": "choice", "values": ["cosine", "multistep"]},
+             "milestones": {"type": "choice", "values": [[1, 2], [0.2, 0.4]], "when": {"schedule": "multistep"}}}
+    base = {"model": "convnextv2_atto", "batch_size": 500}
+    (error,) = all_errors({**MINIMAL, "base": base, "space": space, "resources": {"workers_per_trial": 2}})
+    assert error["field"] == "space.milestones.values[1]"
+    assert "[0.2, 0.4] epochs are updates [0, 0] at 1 updates per epoch" in error["message"]
+    (error,) = all_errors({**MINIMAL, "resources": {"workers_per_trial": 2},
+                           "space": {"batch_size": {"type": "choice", "values": [64, 1000]}}})
+    assert error["field"] == "space.batch_size.values[1]" and "larger than the 1437 training images" in error["message"]
+    load_spec({**MINIMAL, "base": {**base, "dataset": "imagefolder", "data_root": "/nowhere", "num_classes": 3},
+               "space": space})  # an imagefolder's size is unknown here: check_data checks it before training

@@ -11,12 +11,13 @@ from pydantic import ValidationError
 from trainers.checkpoints import read_model_weights
 from trainers.config import FinetuneConfig, format_validation_error
 from trainers.loop import LocalReporter, train_loop_per_worker
+from trainers.mlflow_logging import RunLogger
 
 TINY = FinetuneConfig(input_size=32, batch_size=16, steps_per_epoch_limit=2, epochs=2, warmup_epochs=0.5)
 
 
-def train(mlflow: dict, output_dir) -> list[dict]:
-    reporter = LocalReporter()
+def train(mlflow: dict, output_dir, reporter: LocalReporter | None = None) -> list[dict]:
+    reporter = reporter or LocalReporter()
     train_loop_per_worker({"finetune": TINY.to_dict(), "cpus_per_worker": 2, "mlflow": mlflow,
                            "output_dir": str(output_dir)}, reporter=reporter)
     return reporter.history
@@ -36,9 +37,20 @@ def test_sweep_trial_run_gets_no_model_upload_but_reports_the_best_model_path(ml
     assert read_model_weights(last["best_model_path"])["epoch"] == last["best_epoch"]
 
 
-def test_own_run_logs_the_best_model_once_at_the_end(mlflow_server, tmp_path):
+def test_own_run_logs_the_best_model_once_at_the_end(mlflow_server, tmp_path, monkeypatch):
     client = MlflowClient(mlflow_server.url)
-    history = train({"tracking_uri": mlflow_server.url, "experiment_name": "test-best-own"}, tmp_path)
+    reporter, uploads = LocalReporter(), []  # uploads: (artifact path, epochs reported before the upload)
+    real_log_artifact = RunLogger.log_artifact
+
+    def log_artifact(self, path, artifact_path=None):  # records, then uploads as usual
+        uploads.append((artifact_path, len(reporter.history)))
+        return real_log_artifact(self, path, artifact_path)
+
+    monkeypatch.setattr(RunLogger, "log_artifact", log_artifact)
+    history = train({"tracking_uri": mlflow_server.url, "experiment_name": "test-best-own"}, tmp_path, reporter)
+    # one upload, after the first epoch's report: the first epoch always improves the best, and before the
+    # fix it was uploaded then (and again on every later improvement, to the same artifact path)
+    assert [u for u in uploads if u[0] == "best_checkpoint"] == [("best_checkpoint", TINY.epochs - 1)]
     (run,) = client.search_runs([client.get_experiment_by_name("test-best-own").experiment_id])
     assert artifacts(client, run.info.run_id, "best_checkpoint") == {"best_checkpoint/model.pt"}
     logged = read_model_weights(client.download_artifacts(run.info.run_id, "best_checkpoint/model.pt",

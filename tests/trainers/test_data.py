@@ -38,6 +38,7 @@ def test_digits_split_is_fixed_stratified_rgb():
     cfg = FinetuneConfig(input_size=32)
     train, val = build_datasets(cfg)
     assert (len(train), len(val)) == (1437, 360)
+    assert FinetuneConfig().known_train_images() == len(train)  # the torch-free count sweep specs are checked with
     image, label = train[0]
     assert image.shape == (3, 32, 32) and 0 <= label < 10
     from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD

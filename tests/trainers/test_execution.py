@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from trainers.config import FinetuneConfig
-from trainers.loop import autocast_dtype, configure_cuda, grad_scaler, memory_format_for
+from trainers.loop import WorkerEnv, autocast_dtype, configure_cuda, grad_scaler, memory_format_for
 
 CUDA, CPU = torch.device("cuda", 0), torch.device("cpu")
 
@@ -72,3 +73,16 @@ def test_channels_last_auto_is_on_for_gpu_only():
     assert memory_format_for(auto, CPU) == torch.contiguous_format
     assert memory_format_for(FinetuneConfig(channels_last=True), CPU) == torch.channels_last
     assert memory_format_for(FinetuneConfig(channels_last=False), CUDA) == torch.contiguous_format
+
+
+def test_a_plain_torch_distributed_worker_takes_its_rank_s_gpu(monkeypatch):
+    # outside Ray (torchrun-style group): rank r of a node with n GPUs trains on cuda:(r % n); no GPU: the CPU
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_rank", lambda: 3)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 4)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    env = WorkerEnv.detect()
+    assert (env.rank, env.world_size, env.device, env.in_ray) == (3, 4, torch.device("cuda", 1), False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert WorkerEnv.detect().device == CPU

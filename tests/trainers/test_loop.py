@@ -4,6 +4,7 @@ checkpoints every `checkpoint_every` epochs, keeps the best model, and steps eve
 from __future__ import annotations
 
 import math
+import sys
 
 import pytest
 import torch
@@ -60,7 +61,8 @@ def test_resume_from_a_checkpoint_matches_the_uninterrupted_run(tmp_path):
     resumed = run(cfg, tmp_path / "resumed", resume_from=str(full.checkpoints[0]))
     assert [m["epoch"] for m in resumed.history] == [2, 3]
     for a, b in zip(full.history[1:], resumed.history, strict=True):
-        for key in ("step", "lr", "lr_min", "lr_max", "weight_decay", "train_loss", "val_loss", "ema_val_loss"):
+        for key in ("step", "lr", "lr_min", "lr_max", "weight_decay", "train_loss", "val_loss", "ema_val_loss",
+                    "best_val_top1", "best_epoch", "best_ema_val_top1", "best_ema_val_top1_epoch"):
             assert a[key] == b[key], key
     end_full, end_resumed = load_state(full.checkpoints[-1]), load_state(resumed.checkpoints[-1])
     assert end_full["step"] == end_resumed["step"] == 9
@@ -113,6 +115,45 @@ def test_training_state_is_saved_every_checkpoint_every_epochs_and_after_the_las
     assert [c.name for c in reporter.checkpoints] == ["epoch_0002", "epoch_0004", "epoch_0005"]
     assert [load_state(c)["epoch"] for c in reporter.checkpoints] == [2, 4, 5]
     assert len(reporter.history) == 5  # metrics still every epoch
+    # a run that stopped in epoch 4 resumes from epoch 2's state (one interval back) and ends where the
+    # uninterrupted run ended
+    resumed = run(cfg, tmp_path / "resumed", resume_from=str(reporter.checkpoints[0]))
+    assert [m["epoch"] for m in resumed.history] == [3, 4, 5]
+    assert [c.name for c in resumed.checkpoints] == ["epoch_0004", "epoch_0005"]
+    assert [m["val_loss"] for m in resumed.history] == [m["val_loss"] for m in reporter.history[2:]]
+    end, end_resumed = load_state(reporter.checkpoints[-1]), load_state(resumed.checkpoints[-1])
+    for key, value in end["model"].items():
+        assert torch.equal(value, end_resumed["model"][key]), key
+
+
+def test_loss_is_read_from_the_device_once_per_update_not_per_micro_batch(monkeypatch):
+    # .item() on a device tensor waits for the GPU; before the fix every micro-batch read its loss. Counted: the
+    # loop's own reads during train_one_epoch (not torch.optim's of its CPU step counters), one finiteness check
+    # per update plus the 3 epoch totals (loss sum, micro-batches, images)
+    reads, inside = [], []
+    real_item, real_epoch = torch.Tensor.item, loop.train_one_epoch
+
+    def item(self):
+        caller = sys._getframe(1)
+        if inside and caller.f_globals.get("__name__") == loop.__name__:
+            reads.append(f"{caller.f_code.co_name}:{caller.f_lineno}")
+        return real_item(self)
+
+    def one_epoch(*args, **kwargs):
+        inside.append(True)
+        try:
+            return real_epoch(*args, **kwargs)
+        finally:
+            inside.clear()
+
+    monkeypatch.setattr(torch.Tensor, "item", item)
+    monkeypatch.setattr(loop, "train_one_epoch", one_epoch)
+    monkeypatch.setattr(loop, "PROGRESS_EVERY_S", math.inf)  # the progress line reads the loss at most 1/s
+    cfg = FinetuneConfig(dataset="synthetic", synthetic_samples=64, num_classes=10, input_size=32, batch_size=4,
+                         accum_steps=4, steps_per_epoch_limit=2, epochs=1, warmup_epochs=0)
+    (metrics,) = run(cfg).history
+    assert metrics["step"] == 2  # 8 micro-batches
+    assert len(reads) == 2 + 3, reads
 
 
 def test_best_model_file_follows_the_configured_metric(tmp_path):
@@ -131,6 +172,20 @@ def test_best_model_file_follows_the_configured_metric(tmp_path):
     assert FinetuneConfig.model_validate(saved["config"]) == cfg
     assert "head.fc.weight" in saved["model"] and "head.fc.weight" in saved["model_ema"]
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["best_model.pt"]
+
+
+def test_ema_accuracy_can_pick_the_best_model(tmp_path):
+    # ConvNeXt-V2 tracks the model's and the EMA's best accuracy; best_metric: ema_val_top1 picks the file by the
+    # EMA's, while the model's best top-1 is still reported
+    cfg = FinetuneConfig(**{**TINY, "steps_per_epoch_limit": 2}, epochs=3, model_ema=True, model_ema_decay=0.5,
+                         model_ema_eval=True, best_metric="ema_val_top1")
+    history = run(cfg, output_dir=str(tmp_path / "out")).history
+    best = max(history, key=lambda m: m["ema_val_top1"])  # the first epoch that reached the maximum
+    last = history[-1]
+    assert (last["best_ema_val_top1"], last["best_epoch"]) == (best["ema_val_top1"], best["epoch"])
+    assert last["best_val_top1"] == max(m["val_top1"] for m in history)
+    saved = read_model_weights(last["best_model_path"])
+    assert (saved["epoch"], saved["metric"], saved["value"]) == (best["epoch"], "ema_val_top1", best["ema_val_top1"])
 
 
 @pytest.mark.parametrize("warmup", [False, True])
@@ -154,7 +209,8 @@ CUDA_ONLY_OPTIMIZERS = {n for n in OPTIMIZER_NAMES if n.startswith(("bnb", "fuse
 CPU_FAILING_OPTIMIZERS = {"kron", "kronc", "kronw"}
 
 
-@pytest.mark.parametrize("name", sorted(set(OPTIMIZER_NAMES) - CUDA_ONLY_OPTIMIZERS - CPU_FAILING_OPTIMIZERS))
+@pytest.mark.parametrize("name", sorted(set(OPTIMIZER_NAMES) - CUDA_ONLY_OPTIMIZERS - CPU_FAILING_OPTIMIZERS)
+                         + ["lookahead_adahessian"])  # the wrapper must pass is_second_order on
 def test_every_accepted_optimizer_steps_in_the_loop(name):
     # adahessian (second order) needs backward(create_graph=True); before the fix its first update raised
     cfg = FinetuneConfig(dataset="synthetic", synthetic_samples=2, num_classes=10, input_size=32, batch_size=2,
