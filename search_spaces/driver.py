@@ -131,6 +131,17 @@ def _train_in_process(loop_config: dict[str, Any]) -> None:
         train_loop_per_worker(loop_config, reporter=report)
 
 
+def reuse_trial_processes(spec: SweepSpec) -> bool:
+    """Whether a trial process runs the next trial once its own has ended (Tune's ``reuse_actors``), so its
+    imports (torch, Ray Train: seconds) are paid once per sweep instead of once per trial.
+
+    Only where no scheduler stops trials mid-run (FIFO). Tune also hands the process of a trial it stopped
+    to the next trial, and that reuse fails ("Trainable runner reuse requires reset_config()"): the stopped
+    trial's function is still inside ``fit()``, or mid-epoch in-process, past Tune's 2 s wait for it.
+    """
+    return spec.scheduler.type == "fifo"
+
+
 def trial_resources(spec: SweepSpec) -> dict[str, float]:
     """What the Tune trial actor reserves: its worker's share when it trains in-process, else nothing."""
     res = spec.resources
@@ -225,10 +236,7 @@ def run_sweep(spec: SweepSpec, *, sweep_id: str, storage_path: str, mlflow_uri: 
                 scheduler=build_scheduler(spec, tracking.assign_trial_run),
                 # both search algorithms carry the concurrency limit themselves
                 num_samples=spec.num_samples,
-                time_budget_s=spec.time_budget_s,
-                # a trial process that ended on its own runs the next trial: its imports (torch, Ray Train)
-                # are paid once; a trial stopped mid-run is never reused (Tune kills its process)
-                reuse_actors=True,
+                time_budget_s=spec.time_budget_s, reuse_actors=reuse_trial_processes(spec),
             ),
             run_config=tune.RunConfig(
                 name=sweep_id, storage_path=storage_path, callbacks=run_callbacks, stop=stopper, verbose=0,

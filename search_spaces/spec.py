@@ -871,7 +871,8 @@ def dry_run(spec: SweepSpec, cluster_resources: Mapping[str, float] | None = Non
         "grid_size": len(grid) or None,
         "max_concurrent_trials": concurrency,
         "resources_per_trial": {"CPU": spec.resources.cpus_per_trial, "GPU": spec.resources.gpus_per_trial},
-        "execution": "Ray Train" if spec.resources.uses_train else "in the Tune trial process (in_process)",
+        "execution": ("Ray Train" if spec.resources.uses_train else
+                      "in the Tune trial process (in_process: the opt-in for quick CPU sweeps, not Ray Train)"),
         "cluster": {k: v for k, v in capacity.items() if k != "nodes"},
         "problems": problems,
         "samples": [_jsonable(s) for s in samples],

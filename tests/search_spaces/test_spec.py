@@ -20,6 +20,7 @@ from search_spaces.spec import (
     load_preset,
     load_spec,
     max_concurrent_trials,
+    resolve_spec_source,
     sample_params,
     spec_json_schema,
     trial_finetune,
@@ -434,3 +435,26 @@ def test_searched_schedule_values_are_checked_at_the_trials_updates_per_epoch():
     assert error["field"] == "space.batch_size.values[1]" and "larger than the 1437 training images" in error["message"]
     load_spec({**MINIMAL, "base": {**base, "dataset": "imagefolder", "data_root": "/nowhere", "num_classes": 3},
                "space": space})  # an imagefolder's size is unknown here: check_data checks it before training
+
+
+# ---- one trial path: Ray Train by default, in_process only as an explicit opt-in --------------------------
+
+def test_every_trial_is_a_ray_train_run_unless_in_process_is_asked_for():
+    base = {"name": "p", "base": {"epochs": 2}, "space": {"blr": {"type": "loguniform", "low": 1e-4, "high": 1e-2}}}
+    default = load_spec(base)
+    assert default.resources.in_process is False and default.resources.uses_train
+    assert dry_run(default)["execution"] == "Ray Train"
+    quick = load_spec({**base, "resources": {"in_process": True}})
+    assert not quick.resources.uses_train
+    assert "in_process" in dry_run(quick)["execution"] and "opt-in" in dry_run(quick)["execution"]
+    for preset in ("quickstart", "convnextv2_layer_decay"):  # the presets use the default path
+        assert resolve_spec_source(preset).resources.uses_train
+
+
+@pytest.mark.parametrize("resources", [{"in_process": True, "workers_per_trial": 2},
+                                       {"in_process": True, "gpus_per_worker": 1}])
+def test_in_process_is_refused_for_ddp_and_gpu_trials(resources):
+    with pytest.raises(SpecError) as err:
+        load_spec({"name": "p", "base": {"epochs": 2}, "resources": resources,
+                   "space": {"blr": {"type": "loguniform", "low": 1e-4, "high": 1e-2}}})
+    assert "resources" in str(err.value) and "in_process" in str(err.value) and "Ray Train" in str(err.value)

@@ -162,3 +162,19 @@ def test_resuming_a_run_with_another_batch_size_is_refused_by_the_loop(tmp_path)
     with pytest.raises(ValueError, match=r"epochs: 2 in the checkpoint, 3 now\n  batch_size: 16 in the checkpoint, 8 now"):
         train_loop_per_worker({"finetune": changed.to_dict(), "cpus_per_worker": 2,
                                "resume_from": str(first.checkpoints[0])}, reporter=LocalReporter())
+
+
+def test_a_ray_train_trials_driver_validates_without_importing_timm():
+    """The trial driver validates every setting but the timm-parsed auto-augment string; workers check that."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from trainers.config import FinetuneConfig; "
+            "FinetuneConfig.validate_torch_free({'aa': 'rand-m9-mstd0.5-inc1'}); "
+            "assert 'timm' not in sys.modules and 'torch' not in sys.modules; print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "ok", out.stderr[-2000:]
+    with pytest.raises(ValidationError, match="batch_size"):  # the other checks still apply
+        FinetuneConfig.validate_torch_free({"batch_size": 0})
+    with pytest.raises(ValidationError, match="auto-augment"):  # the full validation parses it with timm
+        FinetuneConfig.model_validate({"aa": "rand-nonsense-x9"})

@@ -222,3 +222,27 @@ def test_the_default_augmentation_never_fails_on_the_installed_pillow():
     torch.manual_seed(0)
     for _ in range(3000):
         transform(image)
+
+
+def test_digits_come_from_a_cache_equal_to_scikit_learns_split(tmp_path, monkeypatch):
+    """Fresh Ray Train workers read digits without importing scikit-learn (~2 s each)."""
+    import numpy as np
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    monkeypatch.setenv("CONVTUNE_CACHE_DIR", str(tmp_path))
+    first = data.digits_arrays()
+    assert (tmp_path / data.DIGITS_CACHE).is_file()
+    digits = load_digits()
+    train_idx, val_idx = train_test_split(np.arange(len(digits.target)), test_size=0.2, random_state=0,
+                                          stratify=digits.target)
+    assert (first["images"] == digits.images).all() and (first["target"] == digits.target).all()
+    assert (first["train_idx"] == train_idx).all() and (first["val_idx"] == val_idx).all()
+    code = ("import sys; from trainers.data import digits_arrays; a = digits_arrays(); "
+            "assert 'sklearn' not in sys.modules; print(len(a['train_idx']))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**__import__("os").environ, "CONVTUNE_CACHE_DIR": str(tmp_path)})
+    assert out.stdout.strip() == "1437", out.stderr[-2000:]
+    (tmp_path / data.DIGITS_CACHE).write_bytes(b"not a zip")  # a broken cache is rebuilt, not trusted
+    again = data.digits_arrays()
+    assert all((again[k] == first[k]).all() for k in first)

@@ -142,3 +142,36 @@ def test_metrics_of_an_mlflow_outage_arrive_once_it_is_back(restartable_mlflow):
                                                     for r in reporter.history]
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == [1, 2, 3, 4]
     assert "best_checkpoint" in {a.path for a in client.list_artifacts(run.info.run_id)}
+
+
+def test_an_epochs_metrics_go_ahead_of_set_up_calls_and_settle_waits_only_for_them():
+    """The first report must not wait for the param table, texts and LR plot (MLflow off the critical path)."""
+    import threading
+
+    from trainers.mlflow_logging import Outbox, _Call
+
+    gate, order = threading.Event(), []
+    box = Outbox("http://127.0.0.1:1", retry_s=(0.01, 0.01))
+    box.health_url = None  # deliveries below never reach a server
+
+    def call(name, **kw):
+        return _Call(name, lambda: (gate.wait(10) if name == "params" else None, order.append(name)), **kw)
+
+    box.put(call("params", deferrable=True))  # being delivered (blocked on the gate)
+    wait_until(lambda: box.busy, 10, "the first call to be in delivery")
+    box.put(call("text", deferrable=True))
+    box.put(call("plot", deferrable=True))
+    box.put(call("metrics", urgent=True))
+    assert [c.what for c in box.pending] == ["params", "metrics", "text", "plot"]  # not ahead of the busy one
+    gate.set()
+    box.settle(10)  # returns once the metrics are stored, whatever deferrable calls remain
+    assert order[:2] == ["params", "metrics"]
+    assert box.flush(10) and order == ["params", "metrics", "text", "plot"]
+
+
+def test_a_sweep_trials_logger_neither_imports_mlflow_nor_calls_the_server_before_its_first_call():
+    code = ("import sys; from trainers.mlflow_logging import RunLogger; "
+            "r = RunLogger({'tracking_uri': 'http://127.0.0.1:1', 'run_id': 'abc'}); "
+            "assert 'mlflow' not in sys.modules, 'mlflow imported'; assert r.run_id == 'abc'; print('ok')")
+    out = subprocess.run([str(VENV_BIN / "python"), "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "ok", out.stderr[-2000:]

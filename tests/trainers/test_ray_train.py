@@ -95,3 +95,14 @@ def test_convtune_train_rejects_bad_settings_before_starting_ray(args, message):
     done = subprocess.run([sys.executable, "-m", "service.cli", "train", *args], capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 2 and message in done.stderr, done.stderr
+
+
+def test_every_process_of_a_run_is_told_where_its_clusters_state_api_is():
+    """Train's placement-group cleaner finds the controller through the State API; it must not resolve the
+    cluster from /tmp/ray's address file (another Ray on the host: 12 s shutdowns, leaked groups)."""
+    from trainers.ray_run import cluster_env
+
+    assert cluster_env("10.0.0.5:6379")["RAY_ADDRESS"] == "10.0.0.5:6379"  # a job's / `--address` cluster
+    local = cluster_env(None, "http://127.0.0.1:8300")  # a Ray started here: its dashboard
+    assert local["RAY_API_SERVER_ADDRESS"] == "http://127.0.0.1:8300" and "RAY_ADDRESS" not in local
+    assert "RAY_ADDRESS" not in cluster_env("auto") and "RAY_ADDRESS" not in cluster_env("ray://head:10001")
