@@ -9,7 +9,7 @@ from __future__ import annotations
 import enum
 from datetime import UTC, datetime
 
-from sqlalchemy import JSON, DateTime, Float, ForeignKey, Integer, String, Text
+from sqlalchemy import JSON, DateTime, Float, ForeignKey, Index, Integer, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -45,6 +45,7 @@ ACTIVE = frozenset(set(SweepStatus) - TERMINAL)
 
 class Sweep(Base):
     __tablename__ = "sweeps"
+    __table_args__ = (Index("ix_sweeps_created_at_id", "created_at", "id"),)  # the list's order, no sort
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     name: Mapped[str] = mapped_column(String(200))

@@ -155,6 +155,7 @@ async def validate_sweep(
 
 @router.get("", response_model=SweepPage, summary="List sweeps", responses=ERRORS)
 def list_sweeps(
+    request: Request,
     caller: Annotated[Caller, Depends(read_access)],
     status: Annotated[list[SweepStatus] | None, Query(description="Only these statuses (repeatable)")] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
@@ -164,7 +165,8 @@ def list_sweeps(
     rows, total = service.list([s.value for s in status] if status else None, limit, offset,
                                owners=None if caller.admin else caller.aliases)
     nxt = offset + len(rows) if offset + len(rows) < total else None
-    return SweepPage(items=[summary(r) for r in rows], total=total, limit=limit, offset=offset, next_offset=nxt)
+    return with_etag(request, SweepPage(items=[summary(r) for r in rows], total=total, limit=limit, offset=offset,
+                                        next_offset=nxt))
 
 
 @router.get("/{sweep_id}", response_model=SweepDetail, summary="A sweep: status, progress, best trial, links",

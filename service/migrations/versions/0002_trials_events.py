@@ -25,6 +25,7 @@ def upgrade() -> None:
         batch.add_column(sa.Column("trials_note", sa.Text(), nullable=True))
         batch.add_column(sa.Column("synced_at", sa.DateTime(timezone=True), nullable=True))
         batch.add_column(sa.Column("last_event_id", sa.Integer(), nullable=False, server_default="0"))
+    op.create_index("ix_sweeps_created_at_id", "sweeps", ["created_at", "id"])
     op.create_table(
         "trials",
         sa.Column("sweep_id", sa.String(64), sa.ForeignKey("sweeps.id", ondelete="CASCADE"), primary_key=True),
@@ -54,6 +55,7 @@ def upgrade() -> None:
 def downgrade() -> None:
     op.drop_table("sweep_events")
     op.drop_table("trials")
+    op.drop_index("ix_sweeps_created_at_id", "sweeps")
     with op.batch_alter_table("sweeps") as batch:
         for name in ("last_event_id", "synced_at", "trials_note", "model_version", "model_name", "best_value",
                      "best_trial_id"):
