@@ -1,8 +1,9 @@
 """The live view of `convtune watch`, `submit --watch` and `demo`, fed by the sweep's event stream.
 
 `GET /v1/sweeps/{id}/events` is a server-sent event stream: `sweep` (status and best trial; first on
-every connection, again on each status change, last with a terminal status), `trial_started`,
-`trial_result`, `trial_ended`, and `: heartbeat` comments. Three parts, each testable alone:
+every connection to an unfinished sweep, again on each status change and new best, last with a
+terminal status and `final` true), `trial_started`, `trial_result`, `trial_ended`, and `: heartbeat`
+comments. Three parts, each testable alone:
 
 * :func:`parse_sse` turns the stream's lines into :class:`Event` objects;
 * :class:`EventStream` reads them over httpx and reconnects with `Last-Event-ID` when the connection
