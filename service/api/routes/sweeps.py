@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import re
 import time
 from typing import Annotated
 
@@ -239,7 +240,7 @@ async def get_events(
     sweep = await run_in_threadpool(_get, service, sweep_id, caller)
     after = 0
     if last_event_id is not None:
-        if not last_event_id.strip().isdigit():
+        if not re.fullmatch(r"[0-9]{1,18}", last_event_id.strip()):
             raise HTTPException(400, f"Last-Event-ID must be an event id from this stream (a whole number), "
                                      f"got {last_event_id[:40]!r}")
         after = int(last_event_id)
