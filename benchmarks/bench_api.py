@@ -185,6 +185,7 @@ def main(argv=None) -> int:
         print(f"seeded {len(ids)} sweeps; measuring idle reads ...", flush=True)
         asyncio.run(load(url, lambda: ("GET", f"/v1/sweeps/{ids[0]}", {}), 5, 5))  # warm-up
         results["idle"] = measure_reads(url, ids, args.clients, args.requests)
+        print(json.dumps({"idle": results["idle"]["ratio_to_healthz"]}), flush=True)
         if args.new_submits:
             print("measuring submissions ...", flush=True)
             results["submit"] = measure_submits(url, args.new_submits, args.clients * 4, args.clients)
@@ -198,6 +199,7 @@ def main(argv=None) -> int:
                     raise RuntimeError("the training sweep never started a trial")
                 time.sleep(1)
             results["while_training"] = measure_reads(url, ids, args.clients, args.requests)
+            print(json.dumps({"while_training": results["while_training"]["ratio_to_healthz"]}), flush=True)
             still = http.get(f"/v1/sweeps/{training}").json()
             results["while_training"]["trials_running_at_end"] = still["progress"]["running"]
             results["while_training"]["training_sweep"] = {
