@@ -37,6 +37,10 @@ TRAIN_SPEC = {  # the quickstart preset, shortened so it trains for a minute or 
 }
 
 
+ACTIVE_SPEC = {**TRAIN_SPEC, "name": "bench-active", "num_samples": 4,  # still training when the reads end
+               "base": {**TRAIN_SPEC["base"], "epochs": 4, "steps_per_epoch_limit": 16}}
+
+
 def seed_sweeps(database_url: str, n: int, trials: int) -> list[str]:
     """Store ``n`` finished sweeps of ``trials`` trials each straight into the service's database, as the
     reconciler's final sync leaves them (trial rows with searched params and metrics, best trial on the row)."""
@@ -192,7 +196,7 @@ def main(argv=None) -> int:
             wait_idle(url)
         print("starting a training sweep and measuring reads while it trains ...", flush=True)
         with httpx.Client(base_url=url, timeout=60) as http:
-            training = http.post("/v1/sweeps", json=TRAIN_SPEC).json()["id"]
+            training = http.post("/v1/sweeps", json=ACTIVE_SPEC).json()["id"]
             deadline = time.monotonic() + 300
             while http.get(f"/v1/sweeps/{training}").json()["progress"]["running"] < 1:
                 if time.monotonic() > deadline:

@@ -110,11 +110,14 @@ class SweepService:
             raise SweepNotFound(sweep_id)
         return sweep
 
-    def trials(self, sweep_id: str) -> list[Trial]:
-        """The stored trials, in the order they were created."""
+    def trials(self, sweep_id: str) -> tuple[Sweep, list[Trial]]:
+        """The row and its stored trials, in the order they were created, read in one session."""
         with self.db.session() as s:
-            return list(s.scalars(select(Trial).where(Trial.sweep_id == sweep_id)
-                                  .order_by(Trial.started_at, Trial.trial_id)))
+            sweep = s.get(Sweep, sweep_id)
+            if sweep is None:
+                raise SweepNotFound(sweep_id)
+            return sweep, list(s.scalars(select(Trial).where(Trial.sweep_id == sweep_id)
+                                         .order_by(Trial.started_at, Trial.trial_id)))
 
     def detail_parts(self, sweep_id: str) -> tuple[Sweep, Trial | None, dict[str, int]]:
         """The row, its best trial and the trial counts by status, read in one session."""

@@ -179,8 +179,12 @@ def get_sweep(
     settings: Settings = Depends(get_settings),
     service: SweepService = Depends(get_service),
 ):
-    _get(service, sweep_id, caller)
-    sweep, best, counts = service.detail_parts(sweep_id)
+    try:
+        sweep, best, counts = service.detail_parts(sweep_id)
+    except SweepNotFound:
+        raise HTTPException(404, f"no sweep {sweep_id}") from None
+    if not caller.owns(sweep):
+        raise HTTPException(404, f"no sweep {sweep_id}")  # as for an id that does not exist
     data = spec_data(sweep)
     metric, mode = objective(data)
     mlflow_url = service.mlflow.run_url(settings.mlflow_url, sweep.mlflow_experiment_id, sweep.mlflow_parent_run_id)
@@ -203,9 +207,13 @@ def get_trials(
     service: SweepService = Depends(get_service),
 ):
     """Every trial with its searched params, latest metrics, epoch and status, as the reconciler last stored them."""
-    sweep = _get(service, sweep_id, caller)
+    try:
+        sweep, trials = service.trials(sweep_id)
+    except SweepNotFound:
+        raise HTTPException(404, f"no sweep {sweep_id}") from None
+    if not caller.owns(sweep):
+        raise HTTPException(404, f"no sweep {sweep_id}")
     metric, mode = objective(spec_data(sweep))
-    trials = service.trials(sweep_id)
     warnings = [sweep.trials_note] if sweep.trials_note else []
     body = TrialTable(sweep_id=sweep.id, metric=metric, mode=mode, trials=[trial_out(t) for t in trials],
                       warnings=warnings + stale_warning(sweep, settings))
