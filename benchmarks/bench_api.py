@@ -79,14 +79,18 @@ def pct(values: list[float], q: float) -> float:
 
 async def load(url: str, make_request, clients: int, per_client: int) -> dict:
     latencies: list[float] = []
-    errors = 0
+    errors = dropped = 0
 
     async def client_loop(http: httpx.AsyncClient):
-        nonlocal errors
+        nonlocal errors, dropped
         for _ in range(per_client):
             method, path, kwargs = make_request()
             t0 = time.perf_counter()
-            resp = await http.request(method, path, **kwargs)
+            try:
+                resp = await http.request(method, path, **kwargs)
+            except httpx.TransportError:  # e.g. a keep-alive connection the server closed as it was reused
+                dropped += 1
+                continue
             latencies.append((time.perf_counter() - t0) * 1000)
             errors += resp.status_code >= 400
 
@@ -95,7 +99,7 @@ async def load(url: str, make_request, clients: int, per_client: int) -> dict:
         t0 = time.perf_counter()
         await asyncio.gather(*(client_loop(http) for _ in range(clients)))
         wall = time.perf_counter() - t0
-    return {"n": len(latencies), "errors": errors, "p50_ms": round(pct(latencies, 50), 1),
+    return {"n": len(latencies), "errors": errors, "dropped_connections": dropped, "p50_ms": round(pct(latencies, 50), 1),
             "p99_ms": round(pct(latencies, 99), 1), "mean_ms": round(statistics.fmean(latencies), 1),
             "req_per_s": round(len(latencies) / wall, 1)}
 
