@@ -1,5 +1,5 @@
 """Read a sweep's runs back from MLflow: the parent run (tagged with the sweep id) and one child run
-per trial. The API keeps no trial data of its own; MLflow is the record."""
+per trial. Only the reconciler reads them (service.trials keeps the service's copy); API reads don't."""
 
 from __future__ import annotations
 
@@ -38,6 +38,7 @@ class SweepRuns:
     experiment_id: str | None = None
     parent_run_id: str | None = None
     parent_status: str | None = None
+    parent_tags: dict[str, str] = field(default_factory=dict)
     trials: list[TrialRecord] = field(default_factory=list)
     missing: str | None = None  # why there is nothing to show (the runs were deleted in MLflow)
 
@@ -125,6 +126,7 @@ class MlflowReader:
             result.experiment_id = parent.info.experiment_id
             result.parent_run_id = parent.info.run_id
             result.parent_status = parent.info.status
+            result.parent_tags = dict(parent.data.tags)
             children = []
             token = None
             while True:

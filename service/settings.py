@@ -132,7 +132,11 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(256 * 1024, ge=1024, description="Largest accepted request body.")
     job_python: str = Field(sys.executable, description="Interpreter that runs the sweep driver on the Ray head.")
     job_stop_wait_s: int = Field(60, ge=1, description="Grace period for a cancelled driver before SIGKILL.")
-    reconcile_interval_s: float = Field(5.0, gt=0, description="How often active sweeps are synced with Ray.")
+    reconcile_interval_s: float = Field(5.0, gt=0, description=(
+        "How often active sweeps are synced with Ray and MLflow (status, trials, events)."))
+    events_poll_s: float = Field(0.5, gt=0, le=60, description="How often an event stream looks for new events.")
+    events_heartbeat_s: float = Field(5.0, gt=0, le=300, description=(
+        "An event stream sends a comment line after this many seconds without events (keeps proxies open)."))
     max_trials: int = Field(1000, ge=1, le=100_000, description=(
         "Most trials one sweep may run, for every search algorithm (num_samples x grid size)."))
     allowed_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list, description=(

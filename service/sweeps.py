@@ -1,8 +1,11 @@
-"""What the API does with sweeps: submit, reconcile with Ray, cancel, resume, read back from MLflow.
+"""What the API does with sweeps: submit, reconcile with Ray and MLflow, cancel, resume, read.
 
-The database row is the only thing the service owns; Ray owns the job's state and MLflow the trial
-data. Every mutation is a compare-and-set on the row's status, so concurrent requests and several
-API workers agree, and a restart finds everything it needs in the database.
+Ray owns the job's state and MLflow the full trial record; the service keeps its own copy of what it
+shows (the sweep row, one row per trial, the event log) so that reads are database reads. The
+reconciler (:meth:`SweepService.reconcile_all`) keeps the copy of *active* sweeps current; a sweep
+that ends gets one final sync and is then read from the database alone. Every mutation is a
+compare-and-set on the row's status, so concurrent requests and several API workers agree, and a
+restart finds everything it needs in the database.
 """
 
 from __future__ import annotations
@@ -22,10 +25,11 @@ from sqlalchemy.exc import IntegrityError
 
 from service.db import Database
 from service.jobs import JobControl, JobNotFound, RayUnavailable, attempt_job_id
-from service.mlflow_reader import MlflowReader, MlflowUnavailable, SweepRuns, TrialRecord
-from service.models import ACTIVE, Sweep, SweepStatus, utcnow
+from service.mlflow_reader import MlflowReader, MlflowUnavailable, SweepRuns
+from service.models import ACTIVE, Sweep, SweepEvent, SweepStatus, Trial, utcnow
 from service.settings import Settings
 from service.specs import CheckedSpec, check_fits
+from service.trials import best_summary, best_trial, merge, trial_values
 
 log = logging.getLogger("convtune.service")
 
@@ -44,6 +48,10 @@ PROGRESS_BUCKETS = {
     "FINISHED": "finished", "RUNNING": "running", "STOPPED_EARLY": "stopped_early",
     "FAILED": "failed", "KILLED": "killed", "PENDING": "pending",
 }
+TRIAL_FIELDS = tuple(c.name for c in Trial.__table__.columns if c.name != "sweep_id")
+SUMMARY_COLUMNS = (Sweep.id, Sweep.name, Sweep.status, Sweep.attempt, Sweep.created_at, Sweep.updated_at,
+                   Sweep.finished_at, Sweep.owner)
+REGISTERED_NAME, REGISTERED_VERSION = "registered_model_name", "registered_model_version"  # search_spaces.registry
 
 
 class SweepNotFound(LookupError):
@@ -102,10 +110,43 @@ class SweepService:
             raise SweepNotFound(sweep_id)
         return sweep
 
+    def trials(self, sweep_id: str) -> tuple[Sweep, list[Trial]]:
+        """The row and its stored trials, in the order they were created, read in one session."""
+        with self.db.session() as s:
+            sweep = s.get(Sweep, sweep_id)
+            if sweep is None:
+                raise SweepNotFound(sweep_id)
+            return sweep, list(s.scalars(select(Trial).where(Trial.sweep_id == sweep_id)
+                                         .order_by(Trial.started_at, Trial.trial_id)))
+
+    def detail_parts(self, sweep_id: str) -> tuple[Sweep, Trial | None, dict[str, int]]:
+        """The row, its best trial and the trial counts by status, read in one session."""
+        with self.db.session() as s:
+            sweep = s.get(Sweep, sweep_id)
+            if sweep is None:
+                raise SweepNotFound(sweep_id)
+            best = s.get(Trial, (sweep_id, sweep.best_trial_id)) if sweep.best_trial_id else None
+            counts = dict(s.execute(select(Trial.status, func.count()).where(Trial.sweep_id == sweep_id)
+                                    .group_by(Trial.status)).all())
+        return sweep, best, counts
+
+    def events_after(self, sweep_id: str, after: int, limit: int = 500) -> tuple[Sweep, list[SweepEvent]]:
+        """The row, then the events after id ``after``: read in this order, so when the row says the sweep is
+        finalized, every event it will ever have (written with finished_at, in one commit) is in the list."""
+        with self.db.session() as s:
+            sweep = s.get(Sweep, sweep_id)
+            if sweep is None:
+                raise SweepNotFound(sweep_id)
+            s.expunge(sweep)
+            events = list(s.scalars(select(SweepEvent).where(SweepEvent.sweep_id == sweep_id, SweepEvent.id > after)
+                                    .order_by(SweepEvent.id).limit(limit)))
+        return sweep, events
+
     def list(self, statuses: list[str] | None, limit: int, offset: int,
-             owners: Iterable[str] | None = None) -> tuple[list[Sweep], int]:
-        """Newest first; only sweeps of ``owners`` when given (None: everyone's)."""
-        query = select(Sweep)
+             owners: Iterable[str] | None = None) -> tuple[list, int]:
+        """Newest first; only sweeps of ``owners`` when given (None: everyone's). The summary columns only (rows
+        with those attributes): no spec text, no ORM objects, as the list is the most requested page."""
+        query = select(*SUMMARY_COLUMNS)
         count = select(func.count()).select_from(Sweep)
         if owners is not None:
             query = query.where(Sweep.owner.in_(list(owners)))
@@ -114,8 +155,8 @@ class SweepService:
             query = query.where(Sweep.status.in_(statuses))
             count = count.where(Sweep.status.in_(statuses))
         query = query.order_by(Sweep.created_at.desc(), Sweep.id.desc()).limit(limit).offset(offset)
-        with self.db.session() as s:
-            return list(s.scalars(query)), int(s.scalar(count) or 0)
+        with self.db.session() as s:  # (a count(*) OVER () column is slower on SQLite: it sorts every row)
+            return list(s.execute(query).all()), int(s.scalar(count) or 0)
 
     # --- submit
     def submit(self, checked: CheckedSpec, *, idempotency_key: str | None, owner: str | None) -> SubmitResult:
@@ -209,8 +250,10 @@ class SweepService:
             stmt = stmt.where(Sweep.status.in_([str(e) for e in expect]))
         with self.db.session() as s:
             changed = s.execute(stmt).rowcount
+            if changed and not status.is_terminal:  # a terminal status is announced by the final sync (_finalize)
+                self._append_events(s, sweep_id, [("sweep", self._status_event(s, s.get(Sweep, sweep_id)))])
             s.commit()
-            return s.get(Sweep, sweep_id) if changed else None
+            return s.get(Sweep, sweep_id, populate_existing=True) if changed else None
 
     # --- reconcile
     def reconcile(self, sweep: Sweep) -> Sweep:
@@ -247,22 +290,116 @@ class SweepService:
         return updated or self.get(sweep.id)
 
     def _finalize(self, sweep: Sweep) -> Sweep:
-        """Terminal now: end any run still RUNNING, then stamp finished_at (retried until MLflow answers)."""
+        """Terminal now: end any run still RUNNING, sync the trials a last time and stamp finished_at with the
+        terminal ``sweep`` event (retried until MLflow answers). From then on the sweep is read from the
+        database alone."""
         try:
-            runs = self.mlflow.sweep_runs(sweep.id, experiment_name(sweep), sweep.mlflow_experiment_id,
-                                          sweep.mlflow_parent_run_id, use_cache=False)
+            runs = self._read_runs(sweep)
             ended = self.mlflow.finalize(sweep.id, runs, "FAILED" if sweep.status == SweepStatus.FAILED else "KILLED")
+            if ended:
+                log.info("sweep %s: ended %d MLflow run(s) the driver left RUNNING", sweep.id, ended)
+                runs = self._read_runs(sweep)
         except (MlflowUnavailable, LookupError) as exc:
             log.warning("sweep %s: cannot finalize MLflow runs yet: %s", sweep.id, exc)
             return sweep
-        if ended:
-            log.info("sweep %s: ended %d MLflow run(s) the driver left RUNNING", sweep.id, ended)
+        return self.sync_trials(sweep, runs, final=True)
+
+    def _read_runs(self, sweep: Sweep) -> SweepRuns:
+        return self.mlflow.sweep_runs(sweep.id, experiment_name(sweep), sweep.mlflow_experiment_id,
+                                      sweep.mlflow_parent_run_id, use_cache=False)
+
+    # --- the service's copy of the trial data
+    def refresh_trials(self, sweep: Sweep) -> Sweep:
+        """Sync an active sweep's trials from MLflow (the reconciler, every pass)."""
+        try:
+            runs = self._read_runs(sweep)
+        except MlflowUnavailable as exc:
+            note = f"trial data may be stale: {exc}"[:1000]
+            with self.db.session() as s:
+                s.execute(update(Sweep).where(Sweep.id == sweep.id, Sweep.trials_note.is_distinct_from(note))
+                          .values(trials_note=note))
+                s.commit()
+            return sweep
+        return self.sync_trials(sweep, runs)
+
+    def sync_trials(self, sweep: Sweep, runs: SweepRuns, *, final: bool = False) -> Sweep:
+        """Store what MLflow says about the sweep's trials and append the events the changes make, in one
+        transaction that holds the sweep row's lock (its first statement writes the row), so two reconcilers
+        never interleave their events. ``final``: the sweep ended; stamp finished_at and announce its status."""
+        data = spec_data(sweep)
+        metric, mode = objective(data)
+        space = set(data.get("space") or ())
         with self.db.session() as s:
-            s.execute(update(Sweep).where(Sweep.id == sweep.id, Sweep.finished_at.is_(None)).values(
-                finished_at=utcnow(), mlflow_experiment_id=runs.experiment_id or sweep.mlflow_experiment_id,
-                mlflow_parent_run_id=runs.parent_run_id or sweep.mlflow_parent_run_id))
+            lock = update(Sweep).where(Sweep.id == sweep.id).values(synced_at=utcnow(), updated_at=Sweep.updated_at)
+            if final:
+                lock = lock.where(Sweep.finished_at.is_(None))
+            if not s.execute(lock).rowcount:  # gone, or another worker finalized it first
+                s.rollback()
+                return self.get(sweep.id)
+            row = s.get(Sweep, sweep.id)
+            stored = {t.trial_id: t for t in s.scalars(select(Trial).where(Trial.sweep_id == sweep.id))}
+            events: list[tuple[str, dict]] = []
+            for record in runs.trials:
+                old = stored.get(record.trial_id)
+                values, changes = merge(trial_dict(old) if old else None, trial_values(record, space, metric), mode)
+                events += changes
+                if old is None:
+                    stored[record.trial_id] = Trial(sweep_id=sweep.id, **values)
+                    s.add(stored[record.trial_id])
+                elif values != trial_dict(old):
+                    for name, value in values.items():
+                        setattr(old, name, value)
+            best = best_trial([trial_dict(t) for t in stored.values()], mode)
+            sweep_values = {
+                "best_trial_id": best["trial_id"] if best else None, "best_value": best["latest_metric"] if best else None,
+                "model_name": runs.parent_tags.get(REGISTERED_NAME) or row.model_name,
+                "model_version": runs.parent_tags.get(REGISTERED_VERSION) or row.model_version,
+                "trials_note": runs.missing,
+                "mlflow_experiment_id": runs.experiment_id or row.mlflow_experiment_id,
+                "mlflow_parent_run_id": runs.parent_run_id or row.mlflow_parent_run_id,
+            }
+            changed = {k: v for k, v in sweep_values.items() if getattr(row, k) != v}
+            best_moved = {"best_trial_id", "best_value", "model_version"} & set(changed)
+            for name, value in changed.items():
+                setattr(row, name, value)
+            if final:
+                row.finished_at = utcnow()
+            if changed or final:
+                row.updated_at = utcnow()
+            s.flush()
+            if final or best_moved:
+                events.append(("sweep", self._status_event(s, row)))
+            self._append_events(s, sweep.id, events)
             s.commit()
-            return s.get(Sweep, sweep.id)
+            return s.get(Sweep, sweep.id, populate_existing=True)
+
+    def status_event(self, sweep_id: str) -> dict:
+        """A ``sweep`` event's data for the sweep as it is now (the snapshot an event stream opens with)."""
+        with self.db.session() as s:
+            sweep = s.get(Sweep, sweep_id)
+            if sweep is None:
+                raise SweepNotFound(sweep_id)
+            return self._status_event(s, sweep)
+
+    def _status_event(self, s, sweep: Sweep) -> dict:
+        """The data of a ``sweep`` event: status, message, the best trial (searched params and LR), model version."""
+        metric, _ = objective(spec_data(sweep))
+        best = s.get(Trial, (sweep.id, sweep.best_trial_id)) if sweep.best_trial_id else None
+        return {"sweep_id": sweep.id, "status": sweep.status, "message": sweep.message, "attempt": sweep.attempt,
+                "best": best_summary(trial_dict(best) if best else None, metric), "model_version": sweep.model_version}
+
+    @staticmethod
+    def _append_events(s, sweep_id: str, events: list[tuple[str, dict]]) -> None:
+        """Number and add ``events`` after the sweep's last one. The caller's session holds the sweep row's lock
+        (it wrote the row), so ids are handed out and committed in order: a reader never sees id N+1 before N."""
+        if not events:
+            return
+        last = s.scalar(select(Sweep.last_event_id).where(Sweep.id == sweep_id)) or 0
+        now = utcnow()
+        s.add_all([SweepEvent(sweep_id=sweep_id, id=last + i, type=kind, data=data, created_at=now)
+                   for i, (kind, data) in enumerate(events, start=1)])
+        s.execute(update(Sweep).where(Sweep.id == sweep_id).values(last_event_id=last + len(events),
+                                                                    updated_at=Sweep.updated_at))
 
     def reconcile_all(self) -> int:
         """One pass over every row that is active or not yet finalized; returns how many changed."""
@@ -273,6 +410,8 @@ class SweepService:
         for row in rows:
             try:
                 after = self.reconcile(row)
+                if SweepStatus(after.status) in ACTIVE:
+                    after = self.refresh_trials(after)
             except RayUnavailable:
                 return changed  # nothing to learn until Ray is back
             except Exception:  # noqa: BLE001 - one bad row must not stop the others
@@ -324,35 +463,24 @@ class SweepService:
             raise
         return self._set_status(sweep_id, SweepStatus.PENDING, expect=[SweepStatus.SUBMITTING]) or self.get(sweep_id)
 
-    # --- MLflow views
-    def runs(self, sweep: Sweep) -> SweepRuns:
-        runs = self.mlflow.sweep_runs(sweep.id, experiment_name(sweep), sweep.mlflow_experiment_id,
-                                      sweep.mlflow_parent_run_id)
-        if runs.parent_run_id and not sweep.mlflow_parent_run_id:
-            with self.db.session() as s:
-                s.execute(update(Sweep).where(Sweep.id == sweep.id).values(
-                    mlflow_experiment_id=runs.experiment_id, mlflow_parent_run_id=runs.parent_run_id))
-                s.commit()
-        return runs
-
     @staticmethod
-    def progress(total: int | None, trials: list[TrialRecord]) -> dict:
-        counts = dict.fromkeys(("finished", "running", "pending", "stopped_early", "failed", "killed"), 0)
-        for trial in trials:
-            counts[PROGRESS_BUCKETS.get(trial.status, "running")] += 1
+    def progress(total: int | None, counts: dict[str, int]) -> dict:
+        """Trial counts by bucket from the stored trials' counts by status."""
+        progress = dict.fromkeys(("finished", "running", "pending", "stopped_early", "failed", "killed"), 0)
+        for status, n in counts.items():
+            progress[PROGRESS_BUCKETS.get(status, "running")] += n
+        seen = sum(counts.values())
         if total:  # trials Tune has not created yet are pending too
-            counts["pending"] += max(0, total - len(trials))
-        counts["total"] = total if total else len(trials)
-        return counts
+            progress["pending"] += max(0, total - seen)
+        progress["total"] = total if total else seen
+        return progress
 
-    @staticmethod
-    def best_trial(spec_data: dict, trials: list[TrialRecord]) -> TrialRecord | None:
-        metric, mode = objective(spec_data)
-        scored = [t for t in trials if metric in t.metrics]
-        if not scored:
-            return None
-        pick = max if mode == "max" else min
-        return pick(scored, key=lambda t: t.metrics[metric])
+
+def trial_dict(trial: Trial) -> dict:
+    """A stored trial as :func:`service.trials.merge` compares it (times in UTC: SQLite returns them naive)."""
+    values = {name: getattr(trial, name) for name in TRIAL_FIELDS}
+    values["started_at"], values["ended_at"] = as_utc(values["started_at"]), as_utc(values["ended_at"])
+    return values
 
 
 def scoped_key(settings: Settings, owner: str | None, key: str) -> str:

@@ -67,8 +67,12 @@ class TrialOut(BaseModel):
     trial_id: str
     run_id: str
     status: str
-    params: dict[str, str]
-    metrics: dict[str, float]
+    params: dict[str, str] = Field(description="The searched params (the spec's space keys), as MLflow keeps them")
+    metrics: dict[str, float] = Field(description="The latest value of each metric")
+    epoch: int | None = None
+    best_metric: float | None = Field(None, description="The best value of the sweep's metric so far")
+    outcome: str | None = Field(None, description="completed, early_stopped, failed or cancelled, once ended")
+    lr: float | None = Field(None, description="The resolved learning rate (base LR scaled by the batch)")
     started_at: datetime | None = None
     ended_at: datetime | None = None
 
@@ -80,6 +84,8 @@ class SweepDetail(SweepSummary):
     mode: str
     progress: Progress | None = None
     best_trial: TrialOut | None = None
+    model_name: str | None = Field(None, description="The registered model the winner went to (register_model)")
+    model_version: str | None = Field(None, description="Its version in the MLflow Model Registry")
     links: Links
     spec: dict[str, Any]
     warnings: list[str] = []

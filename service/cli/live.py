@@ -1,8 +1,9 @@
 """The live view of `convtune watch`, `submit --watch` and `demo`, fed by the sweep's event stream.
 
 `GET /v1/sweeps/{id}/events` is a server-sent event stream: `sweep` (status and best trial; first on
-every connection, again on each status change, last with a terminal status), `trial_started`,
-`trial_result`, `trial_ended`, and `: heartbeat` comments. Three parts, each testable alone:
+every connection to an unfinished sweep, again on each status change and new best, last with a
+terminal status and `final` true), `trial_started`, `trial_result`, `trial_ended`, and `: heartbeat`
+comments. Three parts, each testable alone:
 
 * :func:`parse_sse` turns the stream's lines into :class:`Event` objects;
 * :class:`EventStream` reads them over httpx and reconnects with `Last-Event-ID` when the connection
@@ -97,7 +98,7 @@ class EventStream:
                             if event.id is not None:
                                 self.last_id = event.id
                             yield event
-                            if event.event == "sweep" and event.data.get("status") in TERMINAL:
+                            if is_last(event):
                                 return
                         last_error = "the stream ended before the sweep did"
             except httpx.TransportError as exc:
@@ -111,6 +112,13 @@ class EventStream:
             time.sleep(min(self.retry_s * 2 ** max(failures - 1, 0), self.max_retry_s))
         raise ApiError(f"lost the event stream of {self.sweep_id} ({last_error}) after {self.max_failures} "
                        f"attempts; `convtune status {self.sweep_id}` shows where it is")
+
+
+def is_last(event: Event) -> bool:
+    """The sweep's final event: a terminal ``sweep`` event the server does not mark ``final: false`` (it does so
+    for the opening snapshot of a sweep whose final sync is still to come, and for the end of an attempt that
+    was resumed)."""
+    return event.event == "sweep" and event.data.get("status") in TERMINAL and event.data.get("final", True)
 
 
 def got_sweep(api, sweep_id: str) -> bool:
@@ -242,7 +250,8 @@ def detail_best(detail: dict[str, Any]) -> dict[str, Any] | None:
     params = best.get("params") or {}
     params = {k: param_value(params[k]) for k in (space or params) if k in params}
     return {"trial_id": best["trial_id"], "metric": detail["metric"], "value": best["metrics"].get(detail["metric"]),
-            "params": params, "lr": param_value(best["params"].get("resolved_lr"))}
+            "params": params, "lr": best.get("lr") if best.get("lr") is not None else
+            param_value(best["params"].get("resolved_lr"))}  # an API before 0.2 lists every param, resolved_lr too
 
 
 def param_value(value: Any) -> Any:

@@ -114,6 +114,10 @@ def test_winner_is_registered_and_exports_for_train(mlflow_server, trained, tmp_
     out = export_run(mlflow_server.url, tracking.parent_run_id, tmp_path / "export")
     assert out.model_uri == f"models:/{name}/1"
     assert (tmp_path / "export" / "mlflow_model" / "MLmodel").is_file()
+    # the PyTorch flavour with its input example, and the finetune config (and checkpoint) beside the model
+    model_dir = tmp_path / "export" / "mlflow_model"
+    assert "pytorch" in info.flavors and info.saved_input_example_info is not None
+    assert [p.name for p in model_dir.rglob("finetune_config.json")] and [p.name for p in model_dir.rglob("best_model.pt")]
     cfg = load_config(str(out.config), [f"checkpoint={out.weights}"])
     assert cfg.model == "convnextv2_atto" and cfg.input_size == 32 and cfg.model_ema
     model, report = build_model(cfg)

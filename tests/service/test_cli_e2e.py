@@ -9,6 +9,7 @@ import sys
 import uuid
 from pathlib import Path
 
+import httpx
 import mlflow.pytorch
 import pytest
 import torch
@@ -55,6 +56,14 @@ def test_submit_watch_then_export_the_registered_winner(api_process, tiny_spec, 
     assert version.run_id == parent.info.run_id
     assert version.tags["sweep_id"] == sweep_id and version.tags["trial_id"] == trial_id
     assert float(version.tags["metric_value"]) == pytest.approx(float(parent.data.metrics["best_val_top1"]))
+
+    # the sweep detail shows the version, from the service's database (stored by the final sync)
+    detail = httpx.get(f"{api.url}/v1/sweeps/{sweep_id}", timeout=30).json()
+    assert detail["model_name"] == name and detail["model_version"] == "1"
+    assert detail["best_trial"]["trial_id"] == trial_id and set(detail["best_trial"]["params"]) == {"blr", "layer_decay"}
+    status = convtune("status", sweep_id, env=env)
+    assert f"registered model version: 1 (`convtune export {sweep_id}`)" in status.stdout, status.stdout
+    assert "has no event stream" not in sub.stderr, "submit --watch must read the event stream, not fall back to polling"
 
     out_dir = tmp_path / "best"
     exported = convtune("export", sweep_id, "--to", str(out_dir), env=env)

@@ -99,10 +99,10 @@ def test_idempotency_keys_are_scoped_per_owner(offline_api, tmp_path):
 
 
 @pytest.mark.parametrize("deleted", [True, False], ids=["deleted-run", "never-existed"])
-def test_a_missing_mlflow_run_leaves_detail_and_trials_readable(offline_api, tmp_path, mlflow_server, deleted):
+def test_a_missing_mlflow_run_leaves_detail_and_trials_readable(offline_api, tmp_path, mlflow_server, deleted,
+                                                                 helpers):
     from mlflow.tracking import MlflowClient
 
-    from service.models import utcnow
 
     client = MlflowClient(mlflow_server.url)
     experiment = client.create_experiment(f"deleted-run-{tmp_path.name}")
@@ -110,9 +110,11 @@ def test_a_missing_mlflow_run_leaves_detail_and_trials_readable(offline_api, tmp
     run_id = run.info.run_id if deleted else "0123456789abcdef0123456789abcdef"
     client.delete_run(run.info.run_id)
     api = offline_api(mlflow_url=mlflow_server.url)
-    sweep_id, _ = insert_row(settings_for(tmp_path / "data"), status="SUCCEEDED", finished_at=utcnow(),
+    # the job just ended: the reconciler's final sync reads the (missing) runs, notes it and finalizes
+    sweep_id, _ = insert_row(settings_for(tmp_path / "data"), status="SUCCEEDED",
                              mlflow_experiment_id=experiment, mlflow_parent_run_id=run_id)
-    detail = httpx.get(f"{api.url}/v1/sweeps/{sweep_id}", timeout=30)
+    detail = helpers.wait_until(lambda: (r := httpx.get(f"{api.url}/v1/sweeps/{sweep_id}", timeout=30)).json()["finished_at"]
+                        and r, 30, "the final sync")
     assert detail.status_code == 200, detail.text
     assert any("no longer exist" in w for w in detail.json()["warnings"])
     trials = httpx.get(f"{api.url}/v1/sweeps/{sweep_id}/trials", timeout=30)
@@ -121,6 +123,29 @@ def test_a_missing_mlflow_run_leaves_detail_and_trials_readable(offline_api, tmp
 
 
 @pytest.mark.ray
+def test_a_finished_sweep_is_read_from_the_database_alone(offline_api, tmp_path):
+    """Ray and MLflow unreachable: the finished sweep's detail and trials come from its stored rows, complete."""
+    from service.models import Trial, utcnow
+
+    api = offline_api()  # MLflow on a port nobody listens on
+    sweep_id, db = insert_row(settings_for(tmp_path / "data"), status="SUCCEEDED", finished_at=utcnow(),
+                              best_trial_id="t2", best_value=80.0, model_name="digits", model_version="4")
+    with db.session() as s:
+        s.add_all([Trial(sweep_id=sweep_id, trial_id=f"t{i}", run_id=f"r{i}", status="FINISHED",
+                         params={"blr": str(0.001 * i)}, metrics={"val_top1": 70.0 + 10 * (i - 1), "epoch": 1.0},
+                         epoch=1, latest_metric=70.0 + 10 * (i - 1), best_metric=70.0 + 10 * (i - 1),
+                         outcome="completed", resolved_lr=0.0001 * i) for i in (1, 2)])
+        s.commit()
+    detail = httpx.get(f"{api.url}/v1/sweeps/{sweep_id}", timeout=30)
+    assert detail.status_code == 200 and detail.json()["warnings"] == [], detail.text
+    body = detail.json()
+    assert body["best_trial"]["trial_id"] == "t2" and body["best_trial"]["lr"] == pytest.approx(0.0002)
+    assert body["model_version"] == "4" and body["progress"]["finished"] == 2
+    trials = httpx.get(f"{api.url}/v1/sweeps/{sweep_id}/trials", timeout=30).json()
+    assert [t["trial_id"] for t in trials["trials"]] == ["t1", "t2"] and trials["warnings"] == []
+    assert trials["trials"][1]["params"] == {"blr": "0.002"} and trials["trials"][1]["outcome"] == "completed"
+
+
 def test_cancelling_a_sweep_whose_job_is_being_submitted(api_process, helpers, tmp_path):
     from service.models import Sweep, utcnow
 

@@ -48,6 +48,33 @@ def old_install(url: str, n: int = 5) -> list[str]:
     return ids
 
 
+def at_revision(url: str, revision: str) -> None:
+    """Bring an empty database to ``revision`` (what that release's `convtune serve` left)."""
+    from alembic import command
+
+    from service.migrate import _config
+
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        command.upgrade(_config(conn), revision)
+    engine.dispose()
+
+
+def insert_sweeps(url: str, n: int, status: str = "SUCCEEDED") -> list[str]:
+    """``n`` sweep rows with only the columns revision 0001 has."""
+    ids = [f"sw-{i:012x}" for i in range(n)]
+    sweeps = Table("sweeps", MetaData(), autoload_with=(engine := create_engine(url)))
+    now = datetime.now(UTC)
+    with engine.begin() as conn:
+        conn.execute(sweeps.insert(), [
+            {"id": i, "name": f"old-{k}", "status": status, "spec_json": json.dumps({"name": f"old-{k}"}),
+             "spec_hash": "0" * 64, "idempotency_key": f"key-{k}", "owner": "local", "total_trials": 3,
+             "attempt": 1, "ray_job_id": i, "created_at": now, "updated_at": now,
+             "finished_at": now if status == "SUCCEEDED" else None} for k, i in enumerate(ids)])
+    engine.dispose()
+    return ids
+
+
 def test_an_existing_install_is_stamped_and_upgraded_without_losing_sweeps(database_url):
     from service.db import Database
     from service.migrate import head
@@ -68,6 +95,46 @@ def test_an_existing_install_is_stamped_and_upgraded_without_losing_sweeps(datab
         assert conn.execute(text("SELECT count(*) FROM sweeps")).scalar() == len(ids)
 
 
+def test_a_database_at_0001_with_sweeps_upgrades_to_head_and_loses_none(database_url):
+    """0001 -> 0002 (trials, events, the sweep's best trial and model version): every sweep and every 0001 column
+    kept; the new columns start empty and the new tables take rows for the old sweeps."""
+    from service.db import Database
+    from service.models import SweepEvent, Trial
+    from service.sweeps import SweepService
+
+    at_revision(database_url, "0001")
+    finished = insert_sweeps(database_url, 4)
+    running = [f"sw-{0xabc0 + i:012x}" for i in range(2)]
+    engine = create_engine(database_url)
+    with engine.begin() as conn:
+        before = {r.id: r for r in conn.execute(text("SELECT * FROM sweeps")).all()}
+        conn.execute(text("UPDATE sweeps SET id = :new, status = 'RUNNING', finished_at = NULL WHERE id = :old"),
+                     [{"new": new, "old": old} for new, old in zip(running, finished[:2], strict=True)])
+    engine.dispose()
+    db = Database(database_url)  # migrates to head
+    with db.engine.connect() as conn:
+        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0002"
+        after = {r.id: r for r in conn.execute(text("SELECT * FROM sweeps")).all()}
+    assert sorted(after) == sorted(finished[2:] + running)
+    for sweep_id in finished[2:]:
+        old, new = before[sweep_id]._mapping, after[sweep_id]._mapping
+        assert all(new[col] == value for col, value in old.items()), sweep_id
+        assert new["last_event_id"] == 0 and new["best_trial_id"] is None and new["model_version"] is None
+    with db.session() as s:  # the new tables work for the old rows
+        s.add(Trial(sweep_id=running[0], trial_id="t1", run_id="r1", status="RUNNING", params={"blr": "0.001"},
+                    metrics={"val_top1": 50.0}, epoch=1, latest_metric=50.0))
+        s.commit()
+    service = SweepService(None, db, None, None)
+    sweep, best, counts = service.detail_parts(running[0])
+    assert sweep.status == "RUNNING" and counts == {"RUNNING": 1}
+    with db.session() as s:
+        service._append_events(s, running[0], [("trial_started", {"trial_id": "t1"})])
+        s.commit()
+    row, events = service.events_after(running[0], 0)
+    assert row.last_event_id == 1 and [(e.id, e.type) for e in events] == [(1, "trial_started")]
+    assert service.events_after(running[1], 0)[1] == [] and SweepEvent.__tablename__ == "sweep_events"
+
+
 def test_the_migrations_build_exactly_the_models_schema(database_url):
     from alembic.autogenerate import compare_metadata
     from alembic.migration import MigrationContext
@@ -79,7 +146,7 @@ def test_the_migrations_build_exactly_the_models_schema(database_url):
     with db.engine.connect() as conn:
         diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
     assert diff == [], f"service/models.py and service/migrations differ: {diff}"
-    assert {"alembic_version", "sweeps"} <= set(inspect(db.engine).get_table_names())
+    assert {"alembic_version", "sweeps", "trials", "sweep_events"} <= set(inspect(db.engine).get_table_names())
 
 
 def test_the_baseline_revision_is_the_010_schema(database_url):

@@ -1,13 +1,21 @@
-"""/v1/sweeps: submit, validate, list, detail, trials, logs, cancel, resume."""
+"""/v1/sweeps: submit, validate, list, detail, trials, events, logs, cancel, resume.
+
+Detail, trials and events are database reads (the reconciler keeps the rows current, see
+service/sweeps.py); detail and trials carry a strong ETag and answer If-None-Match with 304."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+import asyncio
+import hashlib
+import json
+import re
+import time
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Header, HTTPException, Path, Query, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from pydantic import BaseModel
 
 from service.api.deps import Caller, get_service, get_settings, read_access, submit_access
 from service.api.schemas import (
@@ -21,8 +29,7 @@ from service.api.schemas import (
     TrialTable,
 )
 from service.jobs import JobNotFound, RayUnavailable, attempt_job_id
-from service.mlflow_reader import MlflowUnavailable, TrialRecord
-from service.models import SweepStatus
+from service.models import SweepStatus, Trial, utcnow
 from service.settings import Settings
 from service.specs import check_spec, parse_body
 from service.sweeps import SweepNotFound, SweepService, as_utc, objective, spec_data
@@ -32,6 +39,7 @@ router = APIRouter(prefix="/v1/sweeps", tags=["sweeps"])
 SweepId = Annotated[str, Path(pattern=r"^sw-[0-9a-f]{12}$", description="A sweep id, e.g. sw-0123456789ab")]
 ERRORS = {401: {"model": ErrorOut}, 403: {"model": ErrorOut}, 503: {"model": ErrorOut}}
 NOT_FOUND = {404: {"model": ErrorOut}}
+EVENT_BATCH = 500  # events read per look at the log
 
 
 def spec_body(schema_ref: str = "#/components/schemas/SweepSpec") -> dict:
@@ -54,12 +62,33 @@ def summary(sweep) -> SweepSummary:
                         finished_at=as_utc(sweep.finished_at), owner=sweep.owner)
 
 
-def trial_out(trial: TrialRecord) -> TrialOut:
-    def ts(ms):
-        return datetime.fromtimestamp(ms / 1000, UTC) if ms else None
+def trial_out(trial: Trial) -> TrialOut:
+    return TrialOut(trial_id=trial.trial_id, run_id=trial.run_id, status=trial.status,
+                    params={k: str(v) for k, v in (trial.params or {}).items()}, metrics=trial.metrics or {},
+                    epoch=trial.epoch, best_metric=trial.best_metric, outcome=trial.outcome, lr=trial.resolved_lr,
+                    started_at=as_utc(trial.started_at), ended_at=as_utc(trial.ended_at))
 
-    return TrialOut(trial_id=trial.trial_id, run_id=trial.run_id, status=trial.status, params=trial.params,
-                    metrics=trial.metrics, started_at=ts(trial.start_time), ended_at=ts(trial.end_time))
+
+def with_etag(request: Request, body: BaseModel) -> Response:
+    """The body as JSON with a strong ETag (a hash of its bytes); 304 when If-None-Match already has it."""
+    content = body.model_dump_json().encode()
+    etag = '"' + hashlib.sha256(content).hexdigest()[:32] + '"'
+    headers = {"ETag": etag, "Cache-Control": "no-cache"}
+    wanted = {tag.strip().removeprefix("W/") for tag in request.headers.get("if-none-match", "").split(",")}
+    if etag in wanted or "*" in wanted:
+        return Response(status_code=304, headers=headers)
+    return Response(content, media_type="application/json", headers=headers)
+
+
+def stale_warning(sweep, settings: Settings) -> list[str]:
+    """An active sweep the reconciler has not synced for a while: say so (Ray or MLflow is likely down)."""
+    if SweepStatus(sweep.status).is_terminal and sweep.finished_at is not None:
+        return []
+    synced = as_utc(sweep.synced_at)
+    limit = max(3 * settings.reconcile_interval_s, 15.0)
+    if synced is not None and (as_utc(utcnow()) - synced).total_seconds() > limit:
+        return [f"status and trials may be stale: last synced with Ray and MLflow at {synced.isoformat()}"]
+    return []
 
 
 async def read_spec(request: Request, settings: Settings):
@@ -127,6 +156,7 @@ async def validate_sweep(
 
 @router.get("", response_model=SweepPage, summary="List sweeps", responses=ERRORS)
 def list_sweeps(
+    request: Request,
     caller: Annotated[Caller, Depends(read_access)],
     status: Annotated[list[SweepStatus] | None, Query(description="Only these statuses (repeatable)")] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
@@ -136,7 +166,8 @@ def list_sweeps(
     rows, total = service.list([s.value for s in status] if status else None, limit, offset,
                                owners=None if caller.admin else caller.aliases)
     nxt = offset + len(rows) if offset + len(rows) < total else None
-    return SweepPage(items=[summary(r) for r in rows], total=total, limit=limit, offset=offset, next_offset=nxt)
+    return with_etag(request, SweepPage(items=[summary(r) for r in rows], total=total, limit=limit, offset=offset,
+                                        next_offset=nxt))
 
 
 @router.get("/{sweep_id}", response_model=SweepDetail, summary="A sweep: status, progress, best trial, links",
@@ -148,44 +179,111 @@ def get_sweep(
     settings: Settings = Depends(get_settings),
     service: SweepService = Depends(get_service),
 ):
-    sweep = _get(service, sweep_id, caller)
-    warnings = []
     try:
-        sweep = service.reconcile(sweep)
-    except RayUnavailable as exc:
-        warnings.append(f"status may be stale: {exc}")
+        sweep, best, counts = service.detail_parts(sweep_id)
+    except SweepNotFound:
+        raise HTTPException(404, f"no sweep {sweep_id}") from None
+    if not caller.owns(sweep):
+        raise HTTPException(404, f"no sweep {sweep_id}")  # as for an id that does not exist
     data = spec_data(sweep)
     metric, mode = objective(data)
-    progress = best = mlflow_url = None
-    try:
-        runs = service.runs(sweep)
-        progress = service.progress(sweep.total_trials, runs.trials)
-        best_record = service.best_trial(data, runs.trials)
-        best = trial_out(best_record) if best_record else None
-        mlflow_url = service.mlflow.run_url(settings.mlflow_url, runs.experiment_id, runs.parent_run_id)
-        if runs.missing:
-            warnings.append(runs.missing)
-    except MlflowUnavailable as exc:
-        warnings.append(f"trial data unavailable: {exc}")
-    return SweepDetail(**summary(sweep).model_dump(), message=sweep.message, ray_job_id=sweep.ray_job_id,
-                       metric=metric, mode=mode, progress=progress, best_trial=best,
-                       links=links(request, settings, sweep, mlflow_url), spec=data, warnings=warnings)
+    mlflow_url = service.mlflow.run_url(settings.mlflow_url, sweep.mlflow_experiment_id, sweep.mlflow_parent_run_id)
+    warnings = [sweep.trials_note] if sweep.trials_note else []
+    body = SweepDetail(**summary(sweep).model_dump(), message=sweep.message, ray_job_id=sweep.ray_job_id,
+                       metric=metric, mode=mode, progress=service.progress(sweep.total_trials, counts),
+                       best_trial=trial_out(best) if best else None, model_name=sweep.model_name,
+                       model_version=sweep.model_version, links=links(request, settings, sweep, mlflow_url), spec=data,
+                       warnings=warnings + stale_warning(sweep, settings))
+    return with_etag(request, body)
 
 
 @router.get("/{sweep_id}/trials", response_model=TrialTable, summary="The trial table",
             responses={**ERRORS, **NOT_FOUND})
 def get_trials(
+    request: Request,
     sweep_id: SweepId,
     caller: Annotated[Caller, Depends(read_access)],
+    settings: Settings = Depends(get_settings),
     service: SweepService = Depends(get_service),
 ):
-    """Every trial with its params, latest metrics and status, read from the sweep's MLflow runs."""
-    sweep = _get(service, sweep_id, caller)
-    data = spec_data(sweep)
-    metric, mode = objective(data)
-    runs = service.runs(sweep)
-    return TrialTable(sweep_id=sweep.id, metric=metric, mode=mode, trials=[trial_out(t) for t in runs.trials],
-                      warnings=[runs.missing] if runs.missing else [])
+    """Every trial with its searched params, latest metrics, epoch and status, as the reconciler last stored them."""
+    try:
+        sweep, trials = service.trials(sweep_id)
+    except SweepNotFound:
+        raise HTTPException(404, f"no sweep {sweep_id}") from None
+    if not caller.owns(sweep):
+        raise HTTPException(404, f"no sweep {sweep_id}")
+    metric, mode = objective(spec_data(sweep))
+    warnings = [sweep.trials_note] if sweep.trials_note else []
+    body = TrialTable(sweep_id=sweep.id, metric=metric, mode=mode, trials=[trial_out(t) for t in trials],
+                      warnings=warnings + stale_warning(sweep, settings))
+    return with_etag(request, body)
+
+
+def sse(event_id: int | None, kind: str, data: dict) -> str:
+    head = f"id: {event_id}\n" if event_id is not None else ""
+    return f"{head}event: {kind}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
+
+
+def finalized(sweep) -> bool:
+    return SweepStatus(sweep.status).is_terminal and sweep.finished_at is not None
+
+
+@router.get("/{sweep_id}/events", summary="Live events of a sweep (server-sent events)",
+            responses={**ERRORS, **NOT_FOUND, 400: {"model": ErrorOut}, 200: {"content": {"text/event-stream": {}}}})
+async def get_events(
+    request: Request,
+    sweep_id: SweepId,
+    caller: Annotated[Caller, Depends(read_access)],
+    last_event_id: Annotated[str | None, Header(description=(
+        "Resume after this event id (what the last event received carried)"))] = None,
+    settings: Settings = Depends(get_settings),
+    service: SweepService = Depends(get_service),
+):
+    """`text/event-stream`: `sweep` (status, message, best trial, model version; a snapshot without an id opens
+    each connection of an active sweep, then one on every status change and when the best trial changes),
+    `trial_started`, `trial_result` (epoch and metrics), `trial_ended` (outcome: completed, early_stopped,
+    failed, cancelled), and `: heartbeat` comments. Every stored event has an `id:`; `Last-Event-ID` resumes
+    after it with nothing repeated or skipped. The stream ends after the sweep's final `sweep` event."""
+    sweep = await run_in_threadpool(_get, service, sweep_id, caller)
+    after = 0
+    if last_event_id is not None:
+        if not re.fullmatch(r"[0-9]{1,18}", last_event_id.strip()):
+            raise HTTPException(400, f"Last-Event-ID must be an event id from this stream (a whole number), "
+                                     f"got {last_event_id[:40]!r}")
+        after = int(last_event_id)
+
+    async def stream():
+        nonlocal after
+        if not finalized(sweep):
+            yield sse(None, "sweep", {**await run_in_threadpool(service.status_event, sweep_id), "final": False})
+        beat = time.monotonic()
+        while True:
+            row, events = await run_in_threadpool(service.events_after, sweep_id, after, EVENT_BATCH)
+            for event in events:
+                data = dict(event.data)
+                if event.type == "sweep" and SweepStatus(data["status"]).is_terminal:
+                    data["final"] = (finalized(row) and event.id >= row.last_event_id and event is events[-1]
+                                     and len(events) < EVENT_BATCH)  # else a resume followed it
+                yield sse(event.id, event.type, data)
+                after = event.id
+                if data.get("final"):
+                    return
+            if events:
+                beat = time.monotonic()
+                continue
+            if finalized(row):  # nothing more will come (a sweep from before the event log has no events)
+                yield sse(None, "sweep", {**await run_in_threadpool(service.status_event, sweep_id), "final": True})
+                return
+            if time.monotonic() - beat >= settings.events_heartbeat_s:
+                yield ": heartbeat\n\n"
+                beat = time.monotonic()
+            if await request.is_disconnected():
+                return
+            await asyncio.sleep(settings.events_poll_s)
+
+    return StreamingResponse(stream(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
 @router.get("/{sweep_id}/logs", response_class=PlainTextResponse, summary="The driver's log",
