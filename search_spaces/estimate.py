@@ -36,8 +36,9 @@ MODEL_GFLOPS_224 = {
 }
 #: Training step / forward pass, in FLOPs.
 TRAIN_FLOPS_FACTOR = 3.0
-#: Per-trial cost beyond training (Ray Train / in-process trials), seconds, from benchmarks/bench_sweep.py.
-TRIAL_OVERHEAD_S = {"in_process": 8.0, "train": 16.0}
+#: Per-trial cost beyond training (Ray Train trials / the in_process opt-in), seconds: benchmarks/bench_sweep.py
+#: overhead on the 2-core machine (docs/sweeps.md, "Sweep overhead"); a GPU node starts processes faster.
+TRIAL_OVERHEAD_S = {"in_process": 5.0, "train": 20.0}
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 

@@ -34,9 +34,8 @@ def child_runs(url, result):
 
 
 def test_asha_sweep_on_digits(ray_connected, mlflow_server, tmp_path):
-    """Single-worker trials in-process (the default). ASHA over Ray Train trials also works, but a
-    stopped Train trial's placement group is freed by Train's cleaner, which resolves the cluster
-    through $RAY_ADDRESS or /tmp/ray: on a host with a stale /tmp/ray it leaks (docs/sweeps.md)."""
+    """ASHA over the in_process opt-in (ASHA over the default Ray Train trials, 2 workers each, is
+    test_trial_cleanup.py)."""
     import ray
 
     in_process = True
