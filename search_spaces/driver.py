@@ -111,7 +111,7 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
 def _train_in_process(loop_config: dict[str, Any]) -> None:
     """A single-worker trial without a Train worker group: the loop runs here and reports to Tune.
 
-    Each epoch's checkpoint is persisted by Tune (``tune.report``); a retried or resumed trial gets
+    The training state (every ``checkpoint_every`` epochs and after the last) is persisted by Tune (``tune.report``); a retried or resumed trial gets
     it back from ``tune.get_checkpoint()`` and continues from it, as a Train run would.
     """
     import contextlib

@@ -66,7 +66,7 @@ def build_torch_trainer(
     `config` is a `FinetuneConfig`, its dict, or a full train-loop config (`{"finetune": ..., "mlflow": ...}`,
     see `train_loop_config`). `controller_failure_limit` bounds retries of controller errors such as a worker
     group that cannot start (Ray's default retries forever). The best `num_to_keep` checkpoints by
-    `val_top1` are kept under `storage_path/name`; reusing (storage_path, name) resumes the run.
+    the config's `best_metric` are kept under `storage_path/name`; reusing (storage_path, name) resumes the run.
     """
     import ray.train
     from ray.train.torch import TorchTrainer
