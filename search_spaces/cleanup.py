@@ -1,11 +1,11 @@
 """Nothing of a stopped trial outlives it: the placement groups of dead Ray Train worker groups are removed.
 
 When Tune stops a Ray Train trial (ASHA, a sweep cancel, a trial failure), it kills the trial process and
-the Train controller and workers die with it. Their placement group is freed by Train's detached
-`PlacementGroupCleaner`, which looks the controller up through the State API and so must first find the
-cluster ($RAY_ADDRESS, else /tmp/ray's address file, else a process scan). On a host with several Ray
-clusters, or a stale address file, that lookup fails and the group stays reserved: the next trials' worker
-groups then wait for its CPUs/GPUs until they time out (measured: minutes).
+the Train controller and workers die with it. The worker placement group was made by the controller but
+belongs to the job, so Ray frees it only when the sweep's driver exits: until then it holds its CPUs/GPUs
+and the next trials' worker groups wait for them. Ray Train frees it through a detached
+`PlacementGroupCleaner` per run, which convtune's trainer leaves out (`trainers.ray_run.trainer_class`:
+it can be orphaned for good, and it must find the cluster through the State API).
 
 The sweep driver therefore checks for itself, through the State API of the cluster it is connected to:
 a placement group of this job that held Ray Train workers, all of them now dead, is a leak and is removed.

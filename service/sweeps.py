@@ -189,11 +189,20 @@ class SweepService:
                     s.execute(Sweep.__table__.delete().where(Sweep.id == sweep_id))
                     s.commit()
                 raise
+        return SubmitResult(self._submitted(sweep_id, row.ray_job_id), created=True)
+
+    def _submitted(self, sweep_id: str, job_id: str) -> Sweep:
+        """The row once Ray has its job: PENDING, unless the reconciler got there first (it moves a SUBMITTING
+        row whose job exists on to the job's status) or a cancel came in meanwhile. Only the cancel, recorded as
+        STOPPING with CANCELLED_IN_SUBMIT, stops the job here."""
         pending = self._set_status(sweep_id, SweepStatus.PENDING, expect=[SweepStatus.SUBMITTING])
-        if pending is None:  # cancelled while its job was being submitted: stop the job it now has
+        if pending is not None:
+            return pending
+        current = self.get(sweep_id)
+        if current.status == SweepStatus.STOPPING and current.message == CANCELLED_IN_SUBMIT:
             with contextlib.suppress(JobNotFound, RayUnavailable):
-                self.jobs.stop(row.ray_job_id)
-        return SubmitResult(pending or self.get(sweep_id), created=True)
+                self.jobs.stop(job_id)
+        return current
 
     def _job_exists_after_failed_submit(self, row: Sweep, exc: Exception) -> bool:
         """A submit can fail after Ray accepted the job (a timeout on the answer): ask Ray before dropping the
@@ -461,7 +470,7 @@ class SweepService:
                     finished_at=sweep.finished_at, message=sweep.message))
                 s.commit()
             raise
-        return self._set_status(sweep_id, SweepStatus.PENDING, expect=[SweepStatus.SUBMITTING]) or self.get(sweep_id)
+        return self._submitted(sweep_id, claimed.ray_job_id)
 
     @staticmethod
     def progress(total: int | None, counts: dict[str, int]) -> dict:

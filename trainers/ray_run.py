@@ -3,7 +3,7 @@
 
 A sweep's Tune function trainable calls `build_torch_trainer(..., callbacks=[TuneReportCallback()])`
 and `.fit()`; the Train run name must be deterministic so a retried trial resumes from its checkpoint.
-`run_finetune` also starts a local Ray (dashboard on: Train's placement-group cleaner needs the State
+`run_finetune` also starts a local Ray (dashboard on: the sweep's placement-group check uses the State
 API) when none is running, creates the MLflow run driver-side (so a crash still marks it FAILED), and
 streams progress from the workers through a small Ray queue.
 """
@@ -47,6 +47,35 @@ def train_loop_config(cfg: FinetuneConfig | dict[str, Any], *, cpus_per_worker: 
     return out
 
 
+_TRAINER_CLASS = None
+
+
+def trainer_class():
+    """Ray Train's `TorchTrainer` without its per-run `PlacementGroupCleaner`.
+
+    Train V2 starts that detached actor beside every run's controller to free the worker placement group
+    if the controller dies ungracefully. Here it is redundant and it misbehaves: a placement group made by
+    the controller belongs to the job, so Ray frees it when the job's driver exits, and while a sweep
+    driver lives its own check (`search_spaces.cleanup`) frees the groups of dead Train workers. And when a
+    controller dies while it starts (a cancel, an ASHA stop during start-up), the cleaner can be left
+    without its `start_monitoring` call (queued in the dead controller) and stays alive for good, one
+    orphan actor per such trial (seen in CI). Without it each run also starts one actor process fewer and
+    its shutdown does not wait for the cleaner to stop.
+    """
+    global _TRAINER_CLASS
+    if _TRAINER_CLASS is None:
+        from ray.train.torch import TorchTrainer
+        from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+
+        class ConvtuneTorchTrainer(TorchTrainer):
+            def _create_default_callbacks(self):
+                return [cb for cb in super()._create_default_callbacks()
+                        if not isinstance(cb, PlacementGroupCleanerCallback)]
+
+        _TRAINER_CLASS = ConvtuneTorchTrainer
+    return _TRAINER_CLASS
+
+
 def build_torch_trainer(
     config: dict[str, Any] | FinetuneConfig,
     *,
@@ -69,7 +98,6 @@ def build_torch_trainer(
     the config's `best_metric` are kept under `storage_path/name`; reusing (storage_path, name) resumes the run.
     """
     import ray.train
-    from ray.train.torch import TorchTrainer
 
     from trainers.loop import train_loop_per_worker
 
@@ -86,7 +114,7 @@ def build_torch_trainer(
     if use_gpu:
         resources["GPU"] = gpus_per_worker or 1
     threads = str(threads)
-    return TorchTrainer(
+    return trainer_class()(
         train_loop_per_worker,
         train_loop_config=config,
         scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,

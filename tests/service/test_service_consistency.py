@@ -212,3 +212,51 @@ def test_a_submit_whose_answer_is_lost_after_ray_accepted_the_job_keeps_tracking
         helpers.cancel_all_jobs(ray_cluster.dashboard_url)
         server.should_exit = True
         thread.join(timeout=30)
+
+
+@pytest.mark.ray
+def test_the_reconciler_reaching_a_submitted_job_first_does_not_cancel_it(helpers, ray_cluster, mlflow_server,
+                                                                          tmp_path):
+    """The reconciler moves a SUBMITTING row whose job Ray has on to the job's status; when it does so between
+    Ray accepting the job and the submit marking the row PENDING, the submit must not take that for a cancel
+    (it stopped the job: the sweep went PENDING -> STOPPED with no cancel, seen in CI)."""
+    import uvicorn
+    from ray.job_submission import JobSubmissionClient
+
+    from service.app import create_app
+    from service.settings import Settings
+
+    settings = Settings(data_dir=tmp_path / "data", ray_address=ray_cluster.dashboard_url,
+                        mlflow_tracking_uri=mlflow_server.url, secret_key=SECRET, reconcile_interval_s=3600)
+    app = create_app(settings)
+    jobs, sweeps = app.state.jobs, app.state.sweeps
+    real_submit, real_stop, stopped = jobs.submit, jobs.stop, []
+
+    def submit_then_reconcile(**kwargs):
+        real_submit(**kwargs)
+        sweeps.reconcile(sweeps.get(kwargs["sweep_id"]))  # the reconciler's pass lands first
+
+    def stop(job_id):
+        stopped.append(job_id)
+        return real_stop(job_id)
+
+    jobs.submit, jobs.stop = submit_then_reconcile, stop
+    port = helpers.free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        helpers.wait_until(lambda: server.started, 30, "uvicorn")
+        resp = httpx.post(f"http://127.0.0.1:{port}/v1/sweeps", json=SPEC, timeout=60)
+        assert resp.status_code == 202, resp.text
+        sweep_id = resp.json()["id"]
+        assert resp.json()["status"] in {"PENDING", "RUNNING"}
+        assert stopped == [], "the submit stopped the job it had just submitted"
+        status = JobSubmissionClient(ray_cluster.dashboard_url).get_job_status(sweeps.get(sweep_id).ray_job_id)
+        assert str(status) not in {"STOPPED", "JobStatus.STOPPED"}
+        detail = httpx.get(f"http://127.0.0.1:{port}/v1/sweeps/{sweep_id}", timeout=30).json()
+        assert detail["status"] in {"PENDING", "RUNNING", "SUCCEEDED"}
+    finally:
+        helpers.cancel_all_jobs(ray_cluster.dashboard_url)
+        server.should_exit = True
+        thread.join(timeout=30)
