@@ -82,7 +82,9 @@ def ray_cluster():
                 ray.shutdown()
         except ImportError:
             pass
-        _stop_process_group(proc)
+        # `ray start --block` stops its processes one by one, each with a grace period (20 s in all here);
+        # the session's cluster and its temp dir go away, so 5 s of grace and then SIGKILL to its own group
+        _stop_process_group(proc, grace=5.0)
         log.close()
         shutil.rmtree(temp_dir, ignore_errors=True)
         fcntl.flock(lock, fcntl.LOCK_UN)

@@ -91,7 +91,7 @@ def test_demo_runs_the_main_job_end_to_end(tmp_path, tiny_spec, ray_cluster, hel
     data_dir = tmp_path / "demo"
     env = clean_env(data_dir)
     spec_file = tmp_path / "tiny.yaml"
-    spec_file.write_text(yaml.safe_dump(tiny_spec))
+    spec_file.write_text(yaml.safe_dump({**tiny_spec, "num_samples": 1}))  # one trial: the demo's path, not its size
     api_port, mlflow_port = helpers.free_port(), helpers.free_port()
     try:
         demo = convtune("demo", "--ray-address", ray_cluster.dashboard_url, "--spec", str(spec_file),
@@ -102,13 +102,13 @@ def test_demo_runs_the_main_job_end_to_end(tmp_path, tiny_spec, ray_cluster, hel
         sweep_id = demo.stdout.split("as ", 1)[1].split(";", 1)[0].strip()
 
         status = convtune("status", sweep_id, env=env)
-        assert status.returncode == 0 and "SUCCEEDED" in status.stdout and "2 finished" in status.stdout
+        assert status.returncode == 0 and "SUCCEEDED" in status.stdout and "1 finished" in status.stdout
         opened = convtune("open", sweep_id, env=env)
         assert opened.returncode == 0 and opened.stdout.startswith(f"http://127.0.0.1:{mlflow_port}/#/experiments/")
         logs = convtune("logs", sweep_id, "--tail", "5", env=env)
         assert logs.returncode == 0 and 0 < len(logs.stdout.splitlines()) <= 5
         resubmit = convtune("submit", str(spec_file), "--dry-run", env=env)
-        assert resubmit.returncode == 0 and "trials: 2" in resubmit.stdout
+        assert resubmit.returncode == 0 and "trials: 1" in resubmit.stdout
         missing = convtune("status", "sw-000000000000", env=env)
         assert missing.returncode == 1 and "HTTP 404" in missing.stderr
     finally:
