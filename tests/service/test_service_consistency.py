@@ -4,6 +4,7 @@ written into the API's own database, which is what that request leaves there at 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 from datetime import timedelta
@@ -46,6 +47,25 @@ def insert_row(settings, *, status, idempotency_key=None, owner="local", **value
         s.add(row)
         s.commit()
     return sweep_id, db
+
+
+@contextlib.contextmanager
+def serving(app, helpers, ray_url):
+    """`app` served by uvicorn on a free loopback port in this process (its services can be wrapped for a
+    fault); yields the base URL; every job left on the cluster is cancelled afterwards."""
+    import uvicorn
+
+    port = helpers.free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        helpers.wait_until(lambda: server.started, 30, "uvicorn")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        helpers.cancel_all_jobs(ray_url)
+        server.should_exit = True
+        thread.join(timeout=30)
 
 
 @pytest.fixture
@@ -169,7 +189,6 @@ def test_a_submit_whose_answer_is_lost_after_ray_accepted_the_job_keeps_tracking
                                                                                     ray_cluster):
     """The job reaches Ray but the answer never reaches the API (a timeout): the row must stay, and the
     sweep's owner reaches Ray's job metadata as an HMAC only."""
-    import uvicorn
     from ray.job_submission import JobSubmissionClient
 
     from service.app import create_app
@@ -183,17 +202,12 @@ def test_a_submit_whose_answer_is_lost_after_ray_accepted_the_job_keeps_tracking
         raise TimeoutError("read timed out")  # the fault: Ray accepted, the answer was lost
 
     app.state.jobs.submit = submit_then_lose_the_answer
-    port = helpers.free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        helpers.wait_until(lambda: server.started, 30, "uvicorn")
-        resp = httpx.post(f"http://127.0.0.1:{port}/v1/sweeps", json=SPEC, timeout=60,
+    with serving(app, helpers, ray_cluster.dashboard_url) as base:
+        resp = httpx.post(f"{base}/v1/sweeps", json=SPEC, timeout=60,
                           headers={"Authorization": f"Bearer {ALICE}"})
         assert resp.status_code == 202, resp.text
         sweep_id = resp.json()["id"]
-        detail = httpx.get(f"http://127.0.0.1:{port}/v1/sweeps/{sweep_id}", timeout=30,
+        detail = httpx.get(f"{base}/v1/sweeps/{sweep_id}", timeout=30,
                            headers={"Authorization": f"Bearer {ALICE}"}).json()
         assert detail["status"] in {"PENDING", "RUNNING"}
         job = JobSubmissionClient(ray_cluster.dashboard_url).get_job_info(sweep_id)
@@ -202,16 +216,12 @@ def test_a_submit_whose_answer_is_lost_after_ray_accepted_the_job_keeps_tracking
 
         assert owner_tag == settings.owner_tag(token_owner(settings, ALICE))
         assert len(owner_tag) == 32 and ALICE not in owner_tag
-        listed = httpx.get(f"http://127.0.0.1:{port}/v1/sweeps", timeout=30,
+        listed = httpx.get(f"{base}/v1/sweeps", timeout=30,
                            headers={"Authorization": f"Bearer {ALICE}"}).json()["items"]
         assert [(i["id"], i["owner"]) for i in listed] == [(sweep_id, token_owner(settings, ALICE))]
         # the driver checks the spec's paths again on the node, against the roots the service hands it
         roots = job.runtime_env["env_vars"]["CONVTUNE_DATA_ROOTS"]
         assert roots == ",".join(str(p) for p in settings.data_roots)
-    finally:
-        helpers.cancel_all_jobs(ray_cluster.dashboard_url)
-        server.should_exit = True
-        thread.join(timeout=30)
 
 
 @pytest.mark.ray
@@ -220,7 +230,6 @@ def test_the_reconciler_reaching_a_submitted_job_first_does_not_cancel_it(helper
     """The reconciler moves a SUBMITTING row whose job Ray has on to the job's status; when it does so between
     Ray accepting the job and the submit marking the row PENDING, the submit must not take that for a cancel
     (it stopped the job: the sweep went PENDING -> STOPPED with no cancel, seen in CI)."""
-    import uvicorn
     from ray.job_submission import JobSubmissionClient
 
     from service.app import create_app
@@ -241,22 +250,13 @@ def test_the_reconciler_reaching_a_submitted_job_first_does_not_cancel_it(helper
         return real_stop(job_id)
 
     jobs.submit, jobs.stop = submit_then_reconcile, stop
-    port = helpers.free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        helpers.wait_until(lambda: server.started, 30, "uvicorn")
-        resp = httpx.post(f"http://127.0.0.1:{port}/v1/sweeps", json=SPEC, timeout=60)
+    with serving(app, helpers, ray_cluster.dashboard_url) as base:
+        resp = httpx.post(f"{base}/v1/sweeps", json=SPEC, timeout=60)
         assert resp.status_code == 202, resp.text
         sweep_id = resp.json()["id"]
         assert resp.json()["status"] in {"PENDING", "RUNNING"}
         assert stopped == [], "the submit stopped the job it had just submitted"
         status = JobSubmissionClient(ray_cluster.dashboard_url).get_job_status(sweeps.get(sweep_id).ray_job_id)
         assert str(status) not in {"STOPPED", "JobStatus.STOPPED"}
-        detail = httpx.get(f"http://127.0.0.1:{port}/v1/sweeps/{sweep_id}", timeout=30).json()
+        detail = httpx.get(f"{base}/v1/sweeps/{sweep_id}", timeout=30).json()
         assert detail["status"] in {"PENDING", "RUNNING", "SUCCEEDED"}
-    finally:
-        helpers.cancel_all_jobs(ray_cluster.dashboard_url)
-        server.should_exit = True
-        thread.join(timeout=30)
