@@ -11,6 +11,7 @@ streams progress from the workers through a small Ray queue.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import threading
 import time
@@ -47,9 +48,7 @@ def train_loop_config(cfg: FinetuneConfig | dict[str, Any], *, cpus_per_worker: 
     return out
 
 
-_TRAINER_CLASS = None
-
-
+@functools.cache
 def trainer_class():
     """Ray Train's `TorchTrainer` without its per-run `PlacementGroupCleaner`.
 
@@ -62,18 +61,15 @@ def trainer_class():
     orphan actor per such trial (seen in CI). Without it each run also starts one actor process fewer and
     its shutdown does not wait for the cleaner to stop.
     """
-    global _TRAINER_CLASS
-    if _TRAINER_CLASS is None:
-        from ray.train.torch import TorchTrainer
-        from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+    from ray.train.torch import TorchTrainer
+    from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
 
-        class ConvtuneTorchTrainer(TorchTrainer):
-            def _create_default_callbacks(self):
-                return [cb for cb in super()._create_default_callbacks()
-                        if not isinstance(cb, PlacementGroupCleanerCallback)]
+    class ConvtuneTorchTrainer(TorchTrainer):
+        def _create_default_callbacks(self):
+            return [cb for cb in super()._create_default_callbacks()
+                    if not isinstance(cb, PlacementGroupCleanerCallback)]
 
-        _TRAINER_CLASS = ConvtuneTorchTrainer
-    return _TRAINER_CLASS
+    return ConvtuneTorchTrainer
 
 
 def build_torch_trainer(

@@ -260,3 +260,46 @@ def test_the_reconciler_reaching_a_submitted_job_first_does_not_cancel_it(helper
         assert str(status) not in {"STOPPED", "JobStatus.STOPPED"}
         detail = httpx.get(f"{base}/v1/sweeps/{sweep_id}", timeout=30).json()
         assert detail["status"] in {"PENDING", "RUNNING", "SUCCEEDED"}
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("action", ["submit", "resume"])
+def test_a_cancel_during_the_submit_stops_the_job_once_it_exists(action, helpers, ray_cluster, mlflow_server,
+                                                                 tmp_path):
+    """A cancel that finds no job yet (the submit is in flight) marks the row; the submit, once Ray has the
+    job, must stop it: for a new sweep and for a resume's new attempt alike."""
+    from ray.job_submission import JobSubmissionClient
+
+    from service.app import create_app
+    from service.models import utcnow
+    from service.settings import Settings
+
+    settings = Settings(data_dir=tmp_path / "data", ray_address=ray_cluster.dashboard_url,
+                        mlflow_tracking_uri=mlflow_server.url, secret_key=SECRET, reconcile_interval_s=3600)
+    app = create_app(settings)
+    jobs, sweeps = app.state.jobs, app.state.sweeps
+    real_submit, real_stop, stopped = jobs.submit, jobs.stop, []
+
+    def cancel_then_submit(**kwargs):
+        cancelled = sweeps.cancel(kwargs["sweep_id"])  # Ray has no job yet: the row is marked instead
+        assert cancelled.status == "STOPPING" and cancelled.message == "cancelled while its job was being submitted"
+        real_submit(**kwargs)
+
+    def stop(job_id):  # the stops Ray carried out (the cancel's own try finds no job and raises)
+        answer = real_stop(job_id)
+        stopped.append(job_id)
+        return answer
+
+    jobs.submit, jobs.stop = cancel_then_submit, stop
+    with serving(app, helpers, ray_cluster.dashboard_url) as base:
+        if action == "submit":
+            resp = httpx.post(f"{base}/v1/sweeps", json=SPEC, timeout=60)
+        else:
+            sweep_id, _ = insert_row(settings, status="STOPPED", finished_at=utcnow())
+            resp = httpx.post(f"{base}/v1/sweeps/{sweep_id}/resume", headers=JSON, timeout=60)
+        assert resp.status_code == 202, resp.text
+        row = sweeps.get(resp.json()["id"])
+        assert row.status == "STOPPING" and row.attempt == (1 if action == "submit" else 2)
+        assert stopped == [row.ray_job_id]  # the job that arrived after the cancel, and only it
+        status = JobSubmissionClient(ray_cluster.dashboard_url).get_job_status(row.ray_job_id)
+        assert str(status).rsplit(".", 1)[-1] in {"STOPPED", "PENDING", "RUNNING"}  # stop asked; Ray ends it
