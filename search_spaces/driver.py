@@ -251,6 +251,7 @@ def run_sweep(spec: SweepSpec, *, sweep_id: str, storage_path: str, mlflow_uri: 
     try:
         grid = tuner.fit()
     except BaseException:
+        trial_runs.flush(30)
         tracking.kill_open_trial_runs()
         tracking.finish_parent("FAILED")
         raise
@@ -258,6 +259,7 @@ def run_sweep(spec: SweepSpec, *, sweep_id: str, storage_path: str, mlflow_uri: 
         _restore_sigterm(previous)
         if spec.resources.uses_train:
             release_all(job_id)
+    trial_runs.flush()  # the trials' metrics and ends, buffered while MLflow was unreachable
     return _finish(spec, sweep_id, experiment_path, grid, tracking, restoring, time.monotonic() - started,
                    interrupted=trial_runs.interrupted.is_set(),
                    running=trial_runs.started - trial_runs.ended)

@@ -1,14 +1,18 @@
 """MLflow for a sweep: one parent run per sweep, one child run per trial, all managed driver-side.
 
-Child runs are created when Tune adds a trial (so its config carries the run id rank 0 logs into)
-and finished by :class:`TrialRunCallback` when Tune completes, stops or fails the trial: a trial
-stopped by ASHA or killed with its actor never stays RUNNING. The parent run ends with the best
+Child runs are created when Tune adds a trial (so its config carries the run id rank 0 logs its set-up
+into), get every result Tune receives as the epoch's metrics, and are finished by :class:`TrialRunCallback`
+when Tune completes, stops or fails the trial: a trial stopped by ASHA or killed with its actor never
+stays RUNNING, and its run holds exactly the epochs Tune saw. Those calls go through a buffer that a
+background thread delivers in order (`trainers.mlflow_logging.Outbox`), so an MLflow outage neither
+stalls the sweep nor loses the metrics of its epochs; the driver waits for it before the summary. The parent run ends with the best
 trial's config, metric and checkpoint, a trial table and plots (:func:`log_sweep_summary`).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import tempfile
 import threading
@@ -21,8 +25,10 @@ import yaml
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 from ray.tune import Callback
+from ray.tune.result import AUTO_RESULT_KEYS
 
 from search_spaces.spec import MLFLOW_KEY, SweepSpec
+from trainers.mlflow_logging import Call, Outbox, metric_list
 
 log = logging.getLogger(__name__)
 TAG_SWEEP = "convtune.sweep_id"
@@ -30,6 +36,10 @@ TAG_TRIAL = "convtune.trial_id"
 TAG_KIND = "convtune.kind"
 TAG_EXECUTION = "convtune.execution"  # ray_train (every trial, by default) or in_process (the opt-in)
 TERMINAL = ("FINISHED", "FAILED", "KILLED")
+# what Tune adds to every result (iteration counters, times, host): not the trainer's metrics
+TUNE_RESULT_KEYS = frozenset(AUTO_RESULT_KEYS) | {"timesteps_this_iter", "episodes_this_iter", "done",
+                                                  "should_checkpoint", "trial_id", "experiment_tag"}
+DRIVER_BUFFER_ITEMS = 20_000  # pending MLflow calls of all trials while the server is unreachable
 
 
 def _batched(items: list, size: int = 100):
@@ -109,7 +119,8 @@ class SweepTracking:
             self.client.log_batch(run.info.run_id, params=params)
         self.client.update_run(run.info.run_id, status="SCHEDULED")
         trial.config[MLFLOW_KEY] = {"tracking_uri": self.tracking_uri, "run_id": run.info.run_id,
-                                    "experiment_id": self.experiment_id, "parent_run_id": self.parent_run_id}
+                                    "experiment_id": self.experiment_id, "parent_run_id": self.parent_run_id,
+                                    "metrics_from_results": True}  # TrialRunCallback logs them
 
     def trial_runs(self) -> list:
         return self.client.search_runs([self.experiment_id], f"tags.`{TAG_SWEEP}` = '{self.sweep_id}' and "
@@ -126,7 +137,8 @@ class SweepTracking:
 
 
 class TrialRunCallback(Callback):
-    """Driver-side life cycle of the child runs: RUNNING on start, FINISHED/FAILED at the end.
+    """Driver-side life cycle of the child runs: RUNNING on start, each result's metrics (step = epoch),
+    FINISHED/FAILED at the end, all delivered in order by one `Outbox` (`flush` waits for it).
 
     It also notices an interrupt (SIGINT/SIGUSR1, which Tune turns into "save state and return"):
     trials Tune then shuts down are not finished (they resume later) and stay out of ``ended``.
@@ -137,9 +149,31 @@ class TrialRunCallback(Callback):
         self.interrupted = threading.Event()
         self.started: set[str] = set()
         self.ended: set[str] = set()
+        self._outbox: Outbox | None = None
 
-    def __getstate__(self):  # pickled into the Tuner state; events and ids belong to one run
-        return {**self.__dict__, "interrupted": None, "started": set(), "ended": set()}
+    def __getstate__(self):  # pickled into the Tuner state; events, ids and the buffer belong to one run
+        return {**self.__dict__, "interrupted": None, "started": set(), "ended": set(), "_outbox": None}
+
+    @property
+    def outbox(self) -> Outbox:
+        if getattr(self, "_outbox", None) is None:
+            self._outbox = Outbox(self.tracking.tracking_uri, max_items=DRIVER_BUFFER_ITEMS)
+        return self._outbox
+
+    def _send(self, what: str, fn) -> None:
+        self.outbox.put(Call(what, fn))
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait for every buffered call (default `CONVTUNE_MLFLOW_FLUSH_TIMEOUT_S`, 600 s); False if some remain."""
+        if getattr(self, "_outbox", None) is None:
+            return True
+        if timeout is None:
+            timeout = float(os.environ.get("CONVTUNE_MLFLOW_FLUSH_TIMEOUT_S", "600"))
+        if self._outbox.flush(timeout):
+            return True
+        log.error("%d MLflow call(s) of the sweep's trials not delivered after %.0f s (server unreachable at %s)",
+                  len(self._outbox), timeout, self.tracking.tracking_uri)
+        return False
 
     def __setstate__(self, state):
         self.__dict__.update(state)
@@ -167,7 +201,16 @@ class TrialRunCallback(Callback):
     def on_trial_start(self, iteration, trials, trial, **info):
         self.started.add(trial.trial_id)
         if run_id := self._run_id(trial):
-            self.tracking.client.update_run(run_id, status="RUNNING")
+            self._send("running", lambda: self.tracking.client.update_run(run_id, status="RUNNING"))
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        run_id = self._run_id(trial)
+        if not run_id or "epoch" not in result:
+            return
+        metrics = {k: v for k, v in result.items() if k not in TUNE_RESULT_KEYS}
+        when = int(float(result.get("timestamp") or time.time()) * 1000)  # the epoch's time, not the delivery's
+        items = metric_list(metrics, when, int(result["epoch"]))
+        self._send("metrics", lambda: self.tracking.client.log_batch(run_id, metrics=items))
 
     def _finish(self, trial, status: str, extra_tags: Mapping[str, str]):
         run_id = self._run_id(trial)
@@ -180,12 +223,12 @@ class TrialRunCallback(Callback):
         if self.metric in last:
             best = trial.metric_analysis.get(self.metric, {}).get(self.mode, last[self.metric])
             metrics.append(Metric(f"best_{self.metric}", float(best), int(time.time() * 1000), epochs))
-        try:
-            self.tracking.client.log_batch(run_id, metrics=metrics,
-                                           tags=[RunTag(k, v) for k, v in tags.items()])
+
+        def send() -> None:
+            self.tracking.client.log_batch(run_id, metrics=metrics, tags=[RunTag(k, v) for k, v in tags.items()])
             self.tracking.client.set_terminated(run_id, status=status)
-        except Exception:  # noqa: BLE001 - tracking must never fail the sweep
-            log.warning("could not finish MLflow run %s of trial %s", run_id, trial.trial_id, exc_info=True)
+
+        self._send(f"end ({status})", send)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         if self.interrupted.is_set():

@@ -52,3 +52,29 @@ def stop_process_group(proc: subprocess.Popen, grace: float = 20.0) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)
+
+
+class RestartableMlflow:
+    """A real `mlflow server` on a fixed port and store that a test can stop and start again."""
+
+    def __init__(self, root: Path):
+        self.root, self.port = root, free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        cmd = [str(VENV_BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
+               "--artifacts-destination", str(self.root / "artifacts"), "--host", "127.0.0.1",
+               "--port", str(self.port), "--workers", "1"]
+        with open(self.root / "mlflow.log", "a") as log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        wait_until(lambda: self.proc.poll() is None and http_ok(f"{self.url}/health"), 120, f"mlflow at {self.url}")
+
+    def stop(self) -> None:
+        stop_process_group(self.proc)
+        wait_until(lambda: not port_open(self.port), 30, f"port {self.port} to close")
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0

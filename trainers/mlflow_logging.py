@@ -9,6 +9,11 @@ An MLflow outage does not stop or slow training: after the run is opened, every 
 buffer that a background thread delivers in order, retrying until the server answers again (`Outbox`).
 `finish` waits for the buffer to drain (up to `CONVTUNE_MLFLOW_FLUSH_TIMEOUT_S`, default 600 s) before
 ending the run, so the metrics of an outage reach MLflow and no run is left RUNNING once it is back.
+
+In a sweep, a trial's epoch metrics are logged by the sweep's driver from the results Tune receives
+(`search_spaces.tracking.TrialRunCallback`, through an `Outbox` of its own), not by rank 0: the run then
+holds exactly what Tune saw, a trial that Tune stops right after a report loses nothing, and the worker's
+first report never waits for MLflow. Rank 0 logs the set-up (params, param groups, LR plot) and artifacts.
 """
 
 from __future__ import annotations
@@ -33,7 +38,6 @@ DEFAULT_EXPERIMENT = "convtune-train"
 MAX_PARAM_LEN = 6000
 BUFFER_ITEMS = 1000  # pending MLflow calls; beyond it the oldest metrics are dropped (with a warning)
 RETRY_S = (0.5, 10.0)  # first and longest wait between delivery attempts while MLflow is unreachable
-SETTLE_S = 10.0  # while MLflow answers, an epoch's calls are delivered before the loop goes on (see `settle`)
 
 
 def absolute_tracking_uri(uri: str | None = None) -> str:
@@ -92,7 +96,7 @@ def plot_lr_schedule(path: Path, schedule, groups: list[dict[str, Any]], title: 
 
 
 @dataclass
-class _Call:
+class Call:
     what: str
     fn: Callable[[], None]
     key: str | None = None  # a newer call with the same key replaces a pending one (e.g. the best checkpoint)
@@ -112,14 +116,14 @@ class Outbox:
     def __init__(self, tracking_uri: str, *, max_items: int = BUFFER_ITEMS, retry_s: tuple[float, float] = RETRY_S):
         self.health_url = f"{tracking_uri.rstrip('/')}/health" if tracking_uri.startswith("http") else None
         self.max_items, self.retry_s = max_items, retry_s
-        self.pending: collections.deque[_Call] = collections.deque()
+        self.pending: collections.deque[Call] = collections.deque()
         self.cond = threading.Condition()
         self.busy = False
         self.down = False  # the last delivery attempt failed: an outage is under way
         self.dropped = 0
         self.thread: threading.Thread | None = None
 
-    def put(self, call: _Call) -> None:
+    def put(self, call: Call) -> None:
         with self.cond:
             if call.key is not None:
                 self.pending = collections.deque(c for c in self.pending if c.key != call.key)
@@ -143,14 +147,6 @@ class Outbox:
         """Wait until every call is delivered; False if some are still pending after `timeout` seconds."""
         with self.cond:
             return self.cond.wait_for(lambda: not self.pending and not self.busy, timeout)
-
-    def settle(self, timeout: float) -> None:
-        """Wait until no urgent call (an epoch's metrics) is pending, unless MLflow is (or turns out to be)
-        unreachable: then return at once. While the server answers, an epoch's metrics are stored before the
-        loop reports the epoch, so a trial that Tune stops right after its report loses nothing; the set-up
-        calls and artifacts (deferrable) go on in the background."""
-        with self.cond:
-            self.cond.wait_for(lambda: self.down or not any(c.urgent for c in self.pending), timeout)
 
     def __len__(self) -> int:
         with self.cond:
@@ -206,12 +202,23 @@ class Outbox:
             wait = min(wait * 2, self.retry_s[1])
 
 
-def _rejected(error: Exception | str) -> bool:
-    """The server answered and refused the call (HTTP 4xx): retrying cannot help."""
-    from mlflow.exceptions import RestException
+def metric_list(metrics: dict[str, Any], timestamp_ms: int, step: int) -> list:
+    """MLflow `Metric`s of the numeric values in `metrics` (booleans and strings are left out)."""
+    from mlflow.entities import Metric
 
-    if not isinstance(error, RestException):
+    return [Metric(k, float(v), timestamp_ms, step) for k, v in metrics.items()
+            if isinstance(v, int | float) and not isinstance(v, bool)]
+
+
+def _rejected(error: Exception | str) -> bool:
+    """Retrying cannot help: the server (or local store) answered and refused the call (HTTP 4xx), or the
+    call itself is broken (an exception that is neither an MLflow nor an I/O error)."""
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(error, str | OSError):
         return False
+    if not isinstance(error, MlflowException):
+        return True
     status = error.get_http_status_code()
     return 400 <= status < 500 and status not in (408, 429)
 
@@ -222,7 +229,8 @@ class RunLogger:
     A run created here is opened synchronously (a wrong URI fails at once). A given run (`run_id`, a
     sweep's trial) costs the training nothing: MLflow is imported and its client made by the `Outbox`
     thread on its first call, while the worker builds its data and model. Every call is buffered, so
-    training never waits for MLflow.
+    training never waits for MLflow. With `metrics_from_results` (a sweep's trial), `log_metrics` does
+    nothing: the sweep's driver logs the metrics Tune receives.
     """
 
     def __init__(self, settings: dict[str, Any]):
@@ -230,6 +238,7 @@ class RunLogger:
         self._client = None
         self._client_lock = threading.Lock()
         self.owns_run = not settings.get("run_id")
+        self.metrics_from_results = bool(settings.get("metrics_from_results")) and not self.owns_run
         self.experiment_id: str | None = None
         if self.owns_run:
             name = settings.get("experiment_name") or DEFAULT_EXPERIMENT
@@ -256,27 +265,26 @@ class RunLogger:
 
     def log_params(self, params: dict[str, Any]) -> None:
         """Log the resolved config; keys the run already holds (a sweep may log them) are skipped."""
-        from mlflow.entities import Param
 
-        def send() -> None:
+        def send() -> None:  # MLflow is imported in the Outbox thread, never on the training thread
+            from mlflow.entities import Param
+
             existing = self.client.get_run(self.run_id).data.params
             items = [Param(k, v) for k, v in flatten_params(params).items() if k not in existing]
             for i in range(0, len(items), 100):  # MLflow's per-batch param limit
                 self.client.log_batch(self.run_id, params=items[i : i + 100])
 
-        self.outbox.put(_Call("params", send, deferrable=True))
+        self.outbox.put(Call("params", send, deferrable=True))
 
     def log_metrics(self, metrics: dict[str, Any], step: int) -> None:
-        from mlflow.entities import Metric
-
+        if self.metrics_from_results:
+            return
         now = int(time.time() * 1000)  # the time of the epoch, not of the (possibly late) delivery
-        items = [Metric(k, float(v), now, step) for k, v in metrics.items()
-                 if isinstance(v, int | float) and not isinstance(v, bool)]
-        self.outbox.put(_Call("metrics", lambda: self.client.log_batch(self.run_id, metrics=items), urgent=True))
-        self.outbox.settle(SETTLE_S)
+        self.outbox.put(Call("metrics", lambda: self.client.log_batch(self.run_id, metrics=metric_list(metrics, now, step)),
+                             urgent=True))
 
     def log_text(self, text: str, artifact_file: str) -> None:
-        self.outbox.put(_Call(f"text {artifact_file}", lambda: self.client.log_text(self.run_id, text, artifact_file),
+        self.outbox.put(Call(f"text {artifact_file}", lambda: self.client.log_text(self.run_id, text, artifact_file),
                               key=f"text:{artifact_file}", deferrable=True))
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
@@ -290,8 +298,7 @@ class RunLogger:
             self.client.log_artifact(self.run_id, str(copy), artifact_path)
             shutil.rmtree(copy.parent, ignore_errors=True)
 
-        self.outbox.put(_Call(f"artifact {key.split(':', 1)[1]}", send, key=key))
-        self.outbox.settle(SETTLE_S)
+        self.outbox.put(Call(f"artifact {key.split(':', 1)[1]}", send, key=key))
 
     def log_setup(self, *, params: dict[str, Any], groups: list[dict[str, Any]], schedule, model_name: str) -> None:
         """Params, the param-group table and the LR schedule plot, once at the start."""
@@ -308,7 +315,7 @@ class RunLogger:
                 plot = plot_lr_schedule(Path(tmp) / "lr_schedule.png", schedule, groups, title)
                 self.client.log_artifact(self.run_id, str(plot))
 
-        self.outbox.put(_Call("artifact lr_schedule.png", send_plot, key="artifact:/lr_schedule.png", deferrable=True))
+        self.outbox.put(Call("artifact lr_schedule.png", send_plot, key="artifact:/lr_schedule.png", deferrable=True))
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait for the buffered calls (default `CONVTUNE_MLFLOW_FLUSH_TIMEOUT_S`); False if some remain."""
@@ -324,6 +331,6 @@ class RunLogger:
         """Deliver everything buffered, then end the run if this logger created it (a sweep's run is ended
         by the sweep)."""
         if self.owns_run:
-            self.outbox.put(_Call(f"end ({status})", lambda: self.client.set_terminated(self.run_id, status)))
+            self.outbox.put(Call(f"end ({status})", lambda: self.client.set_terminated(self.run_id, status)))
         if self.flush(timeout):
             shutil.rmtree(self.spool, ignore_errors=True)

@@ -63,14 +63,15 @@ def test_asha_stopped_two_worker_trials_leave_nothing(ray_connected, mlflow_serv
 
     spec = load_spec({
         "name": "cleanup-asha", "base": BASE,
-        "space": {"blr": {"type": "grid", "values": [3e-3, 1e-4, 2e-4]}},  # two that learn slowly: ASHA stops them
+        # the second learns slowly: at the first rung it is below the median, and ASHA stops it
+        "space": {"blr": {"type": "grid", "values": [3e-3, 1e-5]}},
         "search": {"algorithm": "grid"},
-        "scheduler": {"type": "asha", "grace_period": 1, "reduction_factor": 3},
+        "scheduler": {"type": "asha", "grace_period": 1, "reduction_factor": 2},
         "resources": TWO_WORKERS,
     })
     assert spec.resources.uses_train  # the default: every trial is a Ray Train run
     result = run_sweep(spec, sweep_id="cleanup-asha", storage_path=str(tmp_path), mlflow_uri=mlflow_server.url)
-    assert result.status == "finished" and len(result.trials) == 3
+    assert result.status == "finished" and len(result.trials) == 2
     assert result.counts.get("early_stopped", 0) >= 1, result.trials  # stopped mid-run by ASHA
     run = MlflowClient(mlflow_server.url).get_run(result.trials[0]["mlflow_run_id"])
     assert run.data.tags["convtune.execution"] == "ray_train" and run.data.params.get("world_size") == "2"

@@ -26,6 +26,7 @@ def test_submit_is_idempotent_and_tracked_to_the_end_across_an_api_restart(
         api_process, tiny_spec, ray_cluster, mlflow_server, helpers):
     from ray.job_submission import JobSubmissionClient
 
+    tiny_spec["num_samples"] = 1  # one trial: the API restart is what is tested, not the search
     api = api_process().start()
     try:
         with api.client() as c:
@@ -46,10 +47,10 @@ def test_submit_is_idempotent_and_tracked_to_the_end_across_an_api_restart(
         api = api_process().start()
         with api.client() as c:
             detail = helpers.wait_status(c, sweep_id, {"SUCCEEDED"}, 420)
-            assert detail["progress"]["finished"] == 2 and detail["progress"]["pending"] == 0
+            assert detail["progress"]["finished"] == 1 and detail["progress"]["pending"] == 0
             assert detail["links"]["mlflow"].startswith(mlflow_server.url)
             trials = c.get(f"/v1/sweeps/{sweep_id}/trials").json()["trials"]
-            assert len(trials) == 2 and {t["status"] for t in trials} == {"FINISHED"}
+            assert len(trials) == 1 and {t["status"] for t in trials} == {"FINISHED"}
             top = max(trials, key=lambda t: t["metrics"]["val_top1"])  # the spec maximises val_top1
             assert detail["best_trial"]["trial_id"] == top["trial_id"]
             assert detail["best_trial"]["metrics"]["val_top1"] == top["metrics"]["val_top1"]
@@ -60,7 +61,7 @@ def test_submit_is_idempotent_and_tracked_to_the_end_across_an_api_restart(
             assert follow.status_code == 200 and len(follow.text) >= len(logs.text)
         parent, runs = sweep_runs(mlflow_server.url, sweep_id)
         assert [p.info.status for p in parent] == ["FINISHED"]
-        assert sorted(r.info.status for r in runs) == ["FINISHED", "FINISHED"]
+        assert [r.info.status for r in runs] == ["FINISHED"]
     finally:
         helpers.cancel_all_jobs(ray_cluster.dashboard_url)
 
