@@ -50,7 +50,8 @@ def train_loop_config(cfg: FinetuneConfig | dict[str, Any], *, cpus_per_worker: 
 
 @functools.cache
 def trainer_class():
-    """Ray Train's `TorchTrainer` without its per-run `PlacementGroupCleaner`.
+    """Ray Train's `TorchTrainer` without its per-run `PlacementGroupCleaner`, and without its
+    `DatasetManager` when the run has no Ray Datasets (convtune's never has: data is built in the workers).
 
     Train V2 starts that detached actor beside every run's controller to free the worker placement group
     if the controller dies ungracefully. Here it is redundant and it misbehaves: a placement group made by
@@ -60,14 +61,21 @@ def trainer_class():
     without its `start_monitoring` call (queued in the dead controller) and stays alive for good, one
     orphan actor per such trial (seen in CI). Without it each run also starts one actor process fewer and
     its shutdown does not wait for the cleaner to stop.
+
+    Train also starts a `DatasetManager` actor per run, to hand out Ray Dataset shards, even when there
+    are none: one more fresh process (importing Ray Data, 1.5-2 s of CPU) starting while the worker
+    imports torch, on the same cores. Both are filtered out of Train's default callbacks
+    (`_create_default_callbacks`, Ray 2.60's hook: `tests/trainers/test_ray_train.py` checks that neither
+    actor starts, so a Ray upgrade that renames it fails there rather than silently).
     """
     from ray.train.torch import TorchTrainer
+    from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
     from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
 
     class ConvtuneTorchTrainer(TorchTrainer):
         def _create_default_callbacks(self):
-            return [cb for cb in super()._create_default_callbacks()
-                    if not isinstance(cb, PlacementGroupCleanerCallback)]
+            dropped = (PlacementGroupCleanerCallback,) + (() if self.datasets else (DatasetsCallback,))
+            return [cb for cb in super()._create_default_callbacks() if not isinstance(cb, dropped)]
 
     return ConvtuneTorchTrainer
 

@@ -28,14 +28,16 @@ def test_two_cpu_workers_train_report_and_checkpoint(ray_connected, mlflow_serve
     result = trainer.fit()
     assert result.error is None
     assert result.metrics["epoch"] == 2
-    # the run started no detached PlacementGroupCleaner (trainers.ray_run.trainer_class): none can be orphaned
+    # the run started no detached PlacementGroupCleaner (trainers.ray_run.trainer_class): none can be orphaned;
+    # and no DatasetManager, as it has no Ray Datasets
     import ray
     from ray.util.state import list_actors
 
     job_id = ray.get_runtime_context().get_job_id()
     started = {a.class_name for a in list_actors(address=ray_connected.gcs_address, limit=10_000,
                                                   filters=[("job_id", "=", job_id)])}
-    assert "TrainController" in started and "PlacementGroupCleaner" not in started
+    assert "TrainController" in started and "RayTrainWorker" in started
+    assert not started & {"PlacementGroupCleaner", "DatasetManager"}
     frame = result.metrics_dataframe
     assert list(frame["epoch"]) == [1, 2]
     best = result.get_best_checkpoint("val_top1", "max")
